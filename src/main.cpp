@@ -1,11 +1,10 @@
 // sparsecl entry point: builds the CLI11 app from the subcommands in src/cli/ and turns any error into
 // one clear message on stderr and a non-zero exit.
-#include <spdlog/spdlog.h>
-
 #include <exception>
 
 #include "sparsecl/cli/commands.h"
 #include "sparsecl/common/error.h"
+#include "sparsecl/common/log.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"sparsecl: implicit sparsity probing and sparse-aware continual fine-tuning of LLMs"};
@@ -13,8 +12,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   bool verbose = false;
   app.add_flag("-v,--verbose", verbose, "Debug logging");
-  app.parse_complete_callback([&] { spdlog::set_level(verbose ? spdlog::level::debug : spdlog::level::info); });
-  spdlog::set_pattern("[%H:%M:%S] [%^%l%$] %v");
+  app.parse_complete_callback([&] { sparsecl::log::set_level(verbose ? sparsecl::log::Level::debug : sparsecl::log::Level::info); });
 
   sparsecl::cli::add_info(app);
   sparsecl::cli::add_forward(app);
@@ -26,10 +24,10 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   } catch (const sparsecl::Error& e) {
-    spdlog::error("{}", e.what());
+    sparsecl::log::error(e.what());
     return 1;
   } catch (const std::exception& e) {
-    spdlog::error("{}", e.what());
+    sparsecl::log::error(e.what());
     return 1;
   }
   return 0;

@@ -1,0 +1,59 @@
+// The decoder's configuration, parsed from a HF config.json. One struct describes every supported
+// family (llama, mistral, qwen2, qwen3): the families differ only in data (DESIGN.md, "Models").
+// Both published config forms are accepted: `rope_theta` + `rope_scaling`, and transformers 5's
+// `rope_parameters`. Anything we would have to guess about is an error naming the key.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace sparsecl::model {
+
+struct RopeConfig {
+  std::string type = "default";  // "default" | "linear" | "llama3"
+  double theta = 10000.0;
+  double factor = 1.0;                       // linear, llama3
+  double low_freq_factor = 1.0;              // llama3
+  double high_freq_factor = 4.0;             // llama3
+  int64_t original_max_position_embeddings = 8192;  // llama3
+};
+
+struct ModelConfig {
+  std::string model_type;  // llama | mistral | qwen2 | qwen3
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 0;
+  int64_t intermediate_size = 0;
+  int64_t num_hidden_layers = 0;
+  int64_t num_attention_heads = 0;
+  int64_t num_key_value_heads = 0;
+  int64_t head_dim = 0;  // qwen3 (and newer llama/mistral configs) set it independently of hidden/heads
+  int64_t max_position_embeddings = 0;
+  std::optional<int64_t> sliding_window;  // mistral; inputs longer than it are rejected
+  double rms_norm_eps = 1e-6;
+  std::string hidden_act = "silu";
+  RopeConfig rope;
+  bool tie_word_embeddings = false;
+  bool qkv_bias = false;   // qwen2; llama's attention_bias (which also biases o_proj)
+  bool o_bias = false;
+  bool mlp_bias = false;
+  bool qk_norm = false;    // qwen3: per-head RMSNorm on q and k before RoPE
+  std::optional<int64_t> bos_token_id, pad_token_id;
+  std::vector<int64_t> eos_token_ids;
+  std::string torch_dtype;  // as published ("bfloat16", "float32", ...); informational
+
+  // Parses and validates; `source` names the file in error messages.
+  static ModelConfig from_json(const nlohmann::json& j, const std::string& source);
+  // Reads DIR/config.json (or a path to a config file).
+  static ModelConfig load(const std::filesystem::path& dir_or_file);
+  nlohmann::json to_json() const;
+
+  int64_t kv_groups() const { return num_attention_heads / num_key_value_heads; }
+  // Parameters of the HF model (embeddings counted once when tied).
+  int64_t parameter_count() const;
+};
+
+}  // namespace sparsecl::model
