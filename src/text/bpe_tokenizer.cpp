@@ -1,0 +1,848 @@
+// Byte-level BPE exactly as HF `tokenizers` runs it, for tokenizer.json files (Llama-3, Qwen2/2.5/3,
+// SmolLM2) and GPT-2 vocab.json + merges.txt. The pipeline mirrors tokenizers' TokenizerImpl::encode:
+//   1. added tokens (non-normalized ones) are cut out of the raw text, leftmost-longest;
+//   2. the rest is normalised (NFC/NFD/NFKC/NFKD or a Sequence of them), then normalized added tokens
+//      are cut out;
+//   3. pre-tokenisation: Split (PCRE2 regex, Isolated/Removed), Digits (SmolLM's individual digits) and
+//      ByteLevel (prefix space, GPT-2 regex, bytes -> printable characters), each applied to every piece
+//      the previous step produced;
+//   4. the BPE model: whole piece in the vocabulary when ignore_merges, otherwise the lowest-rank merge
+//      first (ties: leftmost), with the same heap-and-linked-list procedure as tokenizers' Word::merge_all;
+//   5. post-processing: TemplateProcessing (BOS etc.) when add_special_tokens.
+// Decoding maps byte-level characters back to bytes (tokens with other characters are copied as-is) and
+// repairs invalid UTF-8 like Rust's from_utf8_lossy. Any component we do not implement is an error.
+#ifndef PCRE2_CODE_UNIT_WIDTH
+#define PCRE2_CODE_UNIT_WIDTH 8
+#endif
+#include <pcre2.h>
+
+#include <nlohmann/json.hpp>
+#include <utf8proc.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <mutex>
+#include <queue>
+#include <sstream>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "sparsecl/text/backends.h"
+#include "sparsecl/text/unicode.h"
+
+namespace sparsecl::text {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+// The GPT-2 pre-tokenisation regex (what ByteLevel's use_regex applies).
+constexpr const char* kGpt2Regex =
+    R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
+
+struct StringHash {
+  using is_transparent = void;
+  size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
+};
+using Vocab = std::unordered_map<std::string, int32_t, StringHash, std::equal_to<>>;
+
+std::string read_file(const fs::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  if (!in) throw Error("cannot open tokenizer file " + file.string());
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+json parse_json_file(const fs::path& file) {
+  std::string text = read_file(file);
+  try {
+    return json::parse(text);
+  } catch (const json::exception& e) {
+    throw Error(file.string() + ": malformed JSON: " + e.what());
+  }
+}
+
+// ---- PCRE2 regex ---------------------------------------------------------------------------------
+class Regex {
+ public:
+  Regex(const std::string& pattern, bool literal, const std::string& where) {
+    int err = 0;
+    PCRE2_SIZE off = 0;
+    uint32_t flags = PCRE2_UTF | (literal ? PCRE2_LITERAL : PCRE2_UCP);
+    code_ = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), flags, &err, &off, nullptr);
+    if (!code_) {
+      PCRE2_UCHAR buf[256];
+      pcre2_get_error_message(err, buf, sizeof(buf));
+      throw Error(where + ": cannot compile pre-tokenizer regex '" + pattern + "' at offset " + std::to_string(off) +
+                  ": " + reinterpret_cast<const char*>(buf));
+    }
+    (void)pcre2_jit_compile(code_, PCRE2_JIT_COMPLETE);  // without JIT support pcre2_match interprets
+  }
+  ~Regex() { pcre2_code_free(code_); }
+  Regex(const Regex&) = delete;
+  Regex& operator=(const Regex&) = delete;
+
+  // Byte ranges [begin, end) of the successive non-overlapping matches in `s` (valid UTF-8).
+  std::vector<std::pair<size_t, size_t>> find_all(std::string_view s) const {
+    struct ThreadState {
+      pcre2_match_context* ctx = nullptr;
+      pcre2_jit_stack* stack = nullptr;
+      ThreadState() {
+        ctx = pcre2_match_context_create(nullptr);
+        stack = pcre2_jit_stack_create(64 * 1024, 8 * 1024 * 1024, nullptr);
+        if (ctx && stack) pcre2_jit_stack_assign(ctx, nullptr, stack);
+      }
+      ~ThreadState() {
+        pcre2_jit_stack_free(stack);
+        pcre2_match_context_free(ctx);
+      }
+    };
+    thread_local ThreadState state;
+    std::unique_ptr<pcre2_match_data, decltype(&pcre2_match_data_free)> md(
+        pcre2_match_data_create_from_pattern(code_, nullptr), &pcre2_match_data_free);
+    std::vector<std::pair<size_t, size_t>> out;
+    const auto* subject = reinterpret_cast<PCRE2_SPTR>(s.data());
+    size_t offset = 0;
+    while (offset <= s.size()) {
+      int rc = pcre2_match(code_, subject, s.size(), offset, PCRE2_NO_UTF_CHECK, md.get(), state.ctx);
+      if (rc == PCRE2_ERROR_NOMATCH) break;
+      if (rc < 0) {
+        PCRE2_UCHAR buf[256];
+        pcre2_get_error_message(rc, buf, sizeof(buf));
+        throw Error(std::string("pre-tokenizer regex match failed: ") + reinterpret_cast<const char*>(buf));
+      }
+      PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md.get());
+      size_t b = ov[0], e = ov[1];
+      if (e == b) {  // empty match: no split here, move one character on
+        if (b >= s.size()) break;
+        offset = b + unicode::char_len(static_cast<unsigned char>(s[b]));
+        continue;
+      }
+      out.emplace_back(b, e);
+      offset = e;
+    }
+    return out;
+  }
+
+ private:
+  pcre2_code* code_ = nullptr;
+};
+
+// ---- components ----------------------------------------------------------------------------------
+struct AddedToken {
+  std::string content;
+  int32_t id = 0;
+  bool special = false, lstrip = false, rstrip = false, single_word = false, normalized = false;
+  std::string pattern;  // what is matched: content, normalised like the text when `normalized`
+};
+
+struct PreStep {
+  enum class Kind { Split, ByteLevel, Digits } kind;
+  std::shared_ptr<Regex> regex;  // Split: its pattern; ByteLevel: the GPT-2 regex when use_regex
+  enum class Behavior { Isolated, Removed } behavior = Behavior::Isolated;
+  bool add_prefix_space = false;
+  bool individual_digits = false;  // Digits: each digit alone (else runs of digits)
+};
+
+struct TemplateItem {
+  bool is_sequence = false;
+  std::vector<int32_t> ids;  // SpecialToken: its ids
+};
+
+// One piece of the input after added-token splitting: either text to tokenise or an added token id.
+struct Segment {
+  std::string text;
+  int32_t added_id = -1;
+};
+
+bool is_numeric(char32_t cp) {  // Rust char::is_numeric: general categories Nd, Nl, No
+  auto c = utf8proc_category(static_cast<utf8proc_int32_t>(cp));
+  return c == UTF8PROC_CATEGORY_ND || c == UTF8PROC_CATEGORY_NL || c == UTF8PROC_CATEGORY_NO;
+}
+
+bool is_word_char(char32_t cp) {
+  // tokenizers' single_word check: the neighbouring character is alphanumeric or '_'.
+  if (cp == U'_') return true;
+  auto c = utf8proc_category(static_cast<utf8proc_int32_t>(cp));
+  return (c >= UTF8PROC_CATEGORY_LU && c <= UTF8PROC_CATEGORY_LO) || is_numeric(cp);
+}
+
+}  // namespace
+
+class BpeTokenizer final : public Tokenizer {
+ public:
+  // ---- construction ------------------------------------------------------------------------------
+  BpeTokenizer(std::string source, std::string kind) : source_(std::move(source)), kind_(std::move(kind)) {}
+
+  void set_vocab(Vocab vocab) {
+    vocab_ = std::move(vocab);
+    for (const auto& [tok, id] : vocab_) {
+      if (id < 0) throw Error(source_ + ": negative id " + std::to_string(id) + " for token '" + tok + "'");
+      if (static_cast<size_t>(id) >= id_to_token_.size()) id_to_token_.resize(static_cast<size_t>(id) + 1);
+      id_to_token_[static_cast<size_t>(id)] = tok;
+    }
+  }
+
+  void add_merge(std::string_view a, std::string_view b, int32_t rank) {
+    auto ia = vocab_.find(a), ib = vocab_.find(b);
+    if (ia == vocab_.end() || ib == vocab_.end())
+      throw Error(source_ + ": merge '" + std::string(a) + " " + std::string(b) + "' (rank " + std::to_string(rank) +
+                  ") uses a token missing from the vocabulary");
+    std::string merged = std::string(a) + std::string(b);
+    auto im = vocab_.find(merged);
+    if (im == vocab_.end())
+      throw Error(source_ + ": merge '" + std::string(a) + " " + std::string(b) + "' (rank " + std::to_string(rank) +
+                  ") produces '" + merged + "', missing from the vocabulary");
+    // A repeated pair keeps its last rank, as tokenizers' HashMap collect does.
+    merges_.insert_or_assign(pair_key(ia->second, ib->second), std::pair<int32_t, int32_t>{rank, im->second});
+  }
+
+  void add_token(AddedToken t) {
+    if (t.content.empty()) throw Error(source_ + ": added token with empty content (id " + std::to_string(t.id) + ")");
+    if (static_cast<size_t>(t.id) >= id_to_added_.size()) id_to_added_.resize(static_cast<size_t>(t.id) + 1, -1);
+    id_to_added_[static_cast<size_t>(t.id)] = static_cast<int32_t>(added_.size());
+    added_.push_back(std::move(t));
+  }
+
+  // Call after the normalizers are known.
+  void finish_added_tokens() {
+    for (auto& v : by_first_byte_raw_) v.clear();
+    for (auto& v : by_first_byte_norm_) v.clear();
+    any_normalized_added_ = false;
+    for (size_t i = 0; i < added_.size(); ++i) {
+      AddedToken& t = added_[i];
+      t.pattern = t.normalized ? normalize(t.content) : t.content;
+      if (t.pattern.empty()) continue;
+      auto& table = t.normalized ? by_first_byte_norm_ : by_first_byte_raw_;
+      table[static_cast<unsigned char>(t.pattern[0])].push_back(static_cast<int32_t>(i));
+      if (t.normalized) any_normalized_added_ = true;
+    }
+    auto longer = [&](int32_t a, int32_t b) { return added_[a].pattern.size() > added_[b].pattern.size(); };
+    for (auto& v : by_first_byte_raw_) std::stable_sort(v.begin(), v.end(), longer);
+    for (auto& v : by_first_byte_norm_) std::stable_sort(v.begin(), v.end(), longer);
+  }
+
+  std::string source_, kind_;
+  Vocab vocab_;
+  std::vector<std::string> id_to_token_;
+  std::unordered_map<uint64_t, std::pair<int32_t, int32_t>> merges_;  // (a,b) -> (rank, merged id)
+  bool ignore_merges_ = false;
+  std::optional<int32_t> unk_id_;
+  bool fuse_unk_ = false;
+  bool byte_fallback_ = false;
+  std::vector<AddedToken> added_;
+  std::vector<int32_t> id_to_added_;  // id -> index in added_, or -1
+  std::array<std::vector<int32_t>, 256> by_first_byte_raw_, by_first_byte_norm_;
+  bool any_normalized_added_ = false;
+  std::vector<unicode::NormalForm> normalizers_;
+  std::vector<PreStep> pre_steps_;
+  std::vector<TemplateItem> template_;  // empty: no TemplateProcessing
+  std::optional<int32_t> extra_bos_, extra_eos_;  // from tokenizer_config add_bos_token / add_eos_token
+  enum class Decoder { ByteLevel, None } decoder_ = Decoder::None;
+
+  // ---- Tokenizer interface -----------------------------------------------------------------------
+  std::vector<int64_t> encode(std::string_view text, bool add_special_tokens) const override {
+    if (!unicode::valid_utf8(text)) throw Error("tokenizer " + source_ + ": input text is not valid UTF-8");
+    std::vector<int64_t> ids;
+    std::vector<Segment> segments;
+    split_added(text, by_first_byte_raw_, segments);
+    for (auto& seg : segments) {
+      if (seg.added_id >= 0) {
+        ids.push_back(seg.added_id);
+        continue;
+      }
+      std::string normalized = normalize(seg.text);
+      if (any_normalized_added_) {
+        std::vector<Segment> inner;
+        split_added(normalized, by_first_byte_norm_, inner);
+        for (auto& s : inner) {
+          if (s.added_id >= 0) ids.push_back(s.added_id);
+          else encode_text(s.text, ids);
+        }
+      } else {
+        encode_text(normalized, ids);
+      }
+    }
+    if (!add_special_tokens) return ids;
+    std::vector<int64_t> out;
+    if (!template_.empty()) {
+      for (const auto& item : template_) {
+        if (item.is_sequence) out.insert(out.end(), ids.begin(), ids.end());
+        else out.insert(out.end(), item.ids.begin(), item.ids.end());
+      }
+    } else {
+      out = std::move(ids);
+    }
+    if (extra_bos_ && (out.empty() || out.front() != *extra_bos_)) out.insert(out.begin(), *extra_bos_);
+    if (extra_eos_ && (out.empty() || out.back() != *extra_eos_)) out.push_back(*extra_eos_);
+    return out;
+  }
+
+  std::string decode(const std::vector<int64_t>& ids, bool skip_special_tokens) const override {
+    std::vector<const std::string*> tokens;
+    tokens.reserve(ids.size());
+    for (int64_t id : ids) {
+      const std::string* tok = token_ptr(id);
+      if (!tok) continue;
+      if (skip_special_tokens && is_special(id)) continue;
+      tokens.push_back(tok);
+    }
+    if (decoder_ == Decoder::None) {
+      std::string out;
+      for (size_t i = 0; i < tokens.size(); ++i) {
+        if (i) out.push_back(' ');
+        out += *tokens[i];
+      }
+      return out;
+    }
+    std::string bytes;
+    for (const std::string* tok : tokens) {
+      size_t start = bytes.size();
+      bool all_mapped = true;
+      size_t i = 0;
+      while (i < tok->size()) {
+        int b = unicode::unicode_to_byte(unicode::next_code_point(*tok, i));
+        if (b < 0) {
+          all_mapped = false;
+          break;
+        }
+        bytes.push_back(static_cast<char>(b));
+      }
+      if (!all_mapped) {
+        bytes.resize(start);
+        bytes += *tok;
+      }
+    }
+    return unicode::repair_utf8(bytes);
+  }
+
+  int64_t vocab_size() const override {
+    return static_cast<int64_t>(std::max(id_to_token_.size(), id_to_added_.size()));
+  }
+
+  std::optional<std::string> id_to_token(int64_t id) const override {
+    const std::string* t = token_ptr(id);
+    if (!t) return std::nullopt;
+    return *t;
+  }
+
+  bool is_special(int64_t id) const override {
+    if (id < 0 || static_cast<size_t>(id) >= id_to_added_.size()) return false;
+    int32_t k = id_to_added_[static_cast<size_t>(id)];
+    return k >= 0 && added_[static_cast<size_t>(k)].special;
+  }
+
+  std::string kind() const override { return kind_; }
+
+ protected:
+  std::optional<int64_t> find_token(std::string_view token) const override {
+    for (const auto& a : added_)
+      if (a.content == token) return a.id;
+    auto it = vocab_.find(token);
+    if (it == vocab_.end()) return std::nullopt;
+    return it->second;
+  }
+
+ private:
+  static uint64_t pair_key(int32_t a, int32_t b) {
+    return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b);
+  }
+
+  const std::string* token_ptr(int64_t id) const {
+    if (id < 0) return nullptr;
+    auto u = static_cast<size_t>(id);
+    if (u < id_to_added_.size() && id_to_added_[u] >= 0) return &added_[static_cast<size_t>(id_to_added_[u])].content;
+    if (u < id_to_token_.size() && !id_to_token_[u].empty()) return &id_to_token_[u];
+    return nullptr;
+  }
+
+  std::string normalize(const std::string& s) const {
+    std::string out = s;
+    for (auto form : normalizers_) out = unicode::normalize(out, form);
+    return out;
+  }
+
+  // Cuts added tokens out of `text` (leftmost-longest), honouring lstrip/rstrip/single_word.
+  void split_added(std::string_view text, const std::array<std::vector<int32_t>, 256>& table,
+                   std::vector<Segment>& out) const {
+    size_t last = 0;  // end of the previous token (start of pending text)
+    size_t i = 0;
+    while (i < text.size()) {
+      const auto& cands = table[static_cast<unsigned char>(text[i])];
+      const AddedToken* hit = nullptr;
+      for (int32_t k : cands) {
+        const AddedToken& t = added_[static_cast<size_t>(k)];
+        if (text.compare(i, t.pattern.size(), t.pattern) != 0) continue;
+        if (t.single_word && !single_word_ok(text, i, i + t.pattern.size())) continue;
+        hit = &t;
+        break;
+      }
+      if (!hit) {
+        i += unicode::char_len(static_cast<unsigned char>(text[i]));
+        continue;
+      }
+      size_t start = i, end = i + hit->pattern.size();
+      if (hit->lstrip) {
+        while (start > last) {
+          size_t p = start - 1;
+          while (p > last && (static_cast<unsigned char>(text[p]) & 0xC0) == 0x80) --p;
+          size_t q = p;
+          if (!unicode::is_rust_whitespace(unicode::next_code_point(text, q))) break;
+          start = p;
+        }
+      }
+      if (hit->rstrip) {
+        while (end < text.size()) {
+          size_t q = end;
+          if (!unicode::is_rust_whitespace(unicode::next_code_point(text, q))) break;
+          end = q;
+        }
+      }
+      if (start > last) out.push_back(Segment{std::string(text.substr(last, start - last)), -1});
+      out.push_back(Segment{{}, hit->id});
+      last = i = end;
+    }
+    if (last < text.size()) out.push_back(Segment{std::string(text.substr(last)), -1});
+  }
+
+  static bool single_word_ok(std::string_view text, size_t b, size_t e) {
+    if (b > 0) {
+      size_t p = b - 1;
+      while (p > 0 && (static_cast<unsigned char>(text[p]) & 0xC0) == 0x80) --p;
+      if (is_word_char(unicode::next_code_point(text, p))) return false;
+    }
+    if (e < text.size()) {
+      size_t q = e;
+      if (is_word_char(unicode::next_code_point(text, q))) return false;
+    }
+    return true;
+  }
+
+  // Pre-tokenises normalised text and appends the BPE ids of every piece.
+  void encode_text(const std::string& text, std::vector<int64_t>& ids) const {
+    if (text.empty()) return;
+    std::vector<std::string> pieces{text};
+    std::vector<std::string> next;
+    for (const auto& step : pre_steps_) {
+      next.clear();
+      for (auto& piece : pieces) {
+        if (step.kind == PreStep::Kind::Split) {
+          split_regex(piece, *step.regex, step.behavior, next);
+        } else if (step.kind == PreStep::Kind::Digits) {
+          split_digits(piece, step.individual_digits, next);
+        } else {
+          std::string p = std::move(piece);
+          if (step.add_prefix_space && (p.empty() || p[0] != ' ')) p.insert(p.begin(), ' ');
+          std::vector<std::string> parts;
+          if (step.regex) split_regex(p, *step.regex, PreStep::Behavior::Isolated, parts);
+          else parts.push_back(std::move(p));
+          const auto& table = unicode::bytes_to_unicode();
+          for (const auto& part : parts) {
+            std::string mapped;
+            mapped.reserve(part.size() * 2);
+            for (unsigned char c : part) mapped += table[c];
+            next.push_back(std::move(mapped));
+          }
+        }
+      }
+      pieces.swap(next);
+    }
+    for (const auto& piece : pieces)
+      if (!piece.empty()) bpe(piece, ids);
+  }
+
+  static void split_regex(const std::string& s, const Regex& re, PreStep::Behavior behavior,
+                          std::vector<std::string>& out) {
+    size_t prev = 0;
+    for (auto [b, e] : re.find_all(s)) {
+      if (b > prev) out.emplace_back(s.substr(prev, b - prev));
+      if (behavior == PreStep::Behavior::Isolated) out.emplace_back(s.substr(b, e - b));
+      prev = e;
+    }
+    if (prev < s.size()) out.emplace_back(s.substr(prev));
+  }
+
+  // tokenizers' Digits: numeric characters isolated one by one (individual_digits) or as runs.
+  static void split_digits(const std::string& s, bool individual, std::vector<std::string>& out) {
+    size_t i = 0, pending = 0;
+    bool in_run = false;
+    while (i < s.size()) {
+      size_t at = i;
+      bool num = is_numeric(unicode::next_code_point(s, i));
+      if (num && individual) {
+        if (at > pending) out.emplace_back(s.substr(pending, at - pending));
+        out.emplace_back(s.substr(at, i - at));
+        pending = i;
+      } else if (num != in_run) {
+        if (at > pending) out.emplace_back(s.substr(pending, at - pending));
+        pending = at;
+        in_run = num;
+      }
+    }
+    if (pending < s.size()) out.emplace_back(s.substr(pending));
+  }
+
+  void bpe(const std::string& word, std::vector<int64_t>& ids) const {
+    if (ignore_merges_) {
+      auto it = vocab_.find(word);
+      if (it != vocab_.end()) {
+        ids.push_back(it->second);
+        return;
+      }
+    }
+    {
+      std::lock_guard<std::mutex> lock(cache_mutex_);
+      auto it = cache_.find(word);
+      if (it != cache_.end()) {
+        ids.insert(ids.end(), it->second.begin(), it->second.end());
+        return;
+      }
+    }
+    std::vector<int32_t> result = merge_word(word);
+    ids.insert(ids.end(), result.begin(), result.end());
+    std::lock_guard<std::mutex> lock(cache_mutex_);
+    if (cache_.size() > 200000) cache_.clear();
+    cache_.emplace(word, std::move(result));
+  }
+
+  // tokenizers' Word::merge_all: a heap of (rank, position), lowest rank first, then leftmost.
+  std::vector<int32_t> merge_word(const std::string& word) const {
+    struct Sym {
+      int32_t id;
+      int32_t prev, next;
+      bool alive;
+    };
+    std::vector<Sym> syms;
+    size_t i = 0;
+    while (i < word.size()) {
+      size_t start = i;
+      unicode::next_code_point(word, i);
+      std::string_view ch(word.data() + start, i - start);
+      auto it = vocab_.find(ch);
+      if (it != vocab_.end()) {
+        syms.push_back({it->second, 0, 0, true});
+      } else if (byte_fallback_) {
+        bool ok = true;
+        std::vector<int32_t> bytes;
+        for (unsigned char c : ch) {
+          char buf[8];
+          std::snprintf(buf, sizeof(buf), "<0x%02X>", c);
+          auto bt = vocab_.find(std::string_view(buf));
+          if (bt == vocab_.end()) { ok = false; break; }
+          bytes.push_back(bt->second);
+        }
+        if (ok) {
+          for (int32_t b : bytes) syms.push_back({b, 0, 0, true});
+        } else if (unk_id_) {
+          push_unk(syms);
+        }
+      } else if (unk_id_) {
+        push_unk(syms);
+      }
+      // no vocabulary entry and no unk token: the character is dropped, as tokenizers does
+    }
+    const int32_t n = static_cast<int32_t>(syms.size());
+    for (int32_t k = 0; k < n; ++k) {
+      syms[static_cast<size_t>(k)].prev = k - 1;
+      syms[static_cast<size_t>(k)].next = k + 1 < n ? k + 1 : -1;
+    }
+    struct Merge {
+      int32_t rank, pos, new_id;
+      bool operator>(const Merge& o) const { return rank != o.rank ? rank > o.rank : pos > o.pos; }
+    };
+    std::priority_queue<Merge, std::vector<Merge>, std::greater<Merge>> queue;
+    auto push_pair = [&](int32_t pos) {
+      if (pos < 0) return;
+      int32_t nx = syms[static_cast<size_t>(pos)].next;
+      if (nx < 0) return;
+      auto it = merges_.find(pair_key(syms[static_cast<size_t>(pos)].id, syms[static_cast<size_t>(nx)].id));
+      if (it != merges_.end()) queue.push({it->second.first, pos, it->second.second});
+    };
+    for (int32_t k = 0; k + 1 < n; ++k) push_pair(k);
+    while (!queue.empty()) {
+      Merge top = queue.top();
+      queue.pop();
+      Sym& s = syms[static_cast<size_t>(top.pos)];
+      if (!s.alive || s.next < 0) continue;
+      Sym& r = syms[static_cast<size_t>(s.next)];
+      auto it = merges_.find(pair_key(s.id, r.id));
+      if (it == merges_.end() || it->second.second != top.new_id) continue;
+      s.id = top.new_id;
+      r.alive = false;
+      s.next = r.next;
+      if (s.next >= 0) syms[static_cast<size_t>(s.next)].prev = top.pos;
+      push_pair(s.prev);
+      push_pair(top.pos);
+    }
+    std::vector<int32_t> out;
+    for (int32_t k = n > 0 ? 0 : -1; k >= 0; k = syms[static_cast<size_t>(k)].next) out.push_back(syms[static_cast<size_t>(k)].id);
+    return out;
+  }
+
+  template <class V>
+  void push_unk(V& syms) const {
+    if (fuse_unk_ && !syms.empty() && syms.back().id == *unk_id_) return;
+    syms.push_back({*unk_id_, 0, 0, true});
+  }
+
+  mutable std::mutex cache_mutex_;
+  mutable std::unordered_map<std::string, std::vector<int32_t>> cache_;
+};
+
+namespace {
+
+[[noreturn]] void unsupported(const fs::path& file, const std::string& what) {
+  throw UnsupportedComponent(file.string() + ": unsupported " + what);
+}
+
+std::string type_of(const json& j, const fs::path& file, const std::string& where) {
+  if (!j.is_object() || !j.contains("type") || !j["type"].is_string())
+    throw Error(file.string() + ": " + where + " has no \"type\"");
+  return j["type"].get<std::string>();
+}
+
+void parse_normalizer(const json& j, const fs::path& file, std::vector<unicode::NormalForm>& out) {
+  if (j.is_null()) return;
+  std::string t = type_of(j, file, "normalizer");
+  if (t == "Sequence") {
+    for (const auto& n : j.value("normalizers", json::array())) parse_normalizer(n, file, out);
+  } else if (t == "NFC") out.push_back(unicode::NormalForm::NFC);
+  else if (t == "NFD") out.push_back(unicode::NormalForm::NFD);
+  else if (t == "NFKC") out.push_back(unicode::NormalForm::NFKC);
+  else if (t == "NFKD") out.push_back(unicode::NormalForm::NFKD);
+  else unsupported(file, "normalizer type '" + t + "'");
+}
+
+void parse_pre_tokenizer(const json& j, const fs::path& file, std::vector<PreStep>& out) {
+  if (j.is_null()) return;
+  std::string t = type_of(j, file, "pre_tokenizer");
+  if (t == "Sequence") {
+    for (const auto& p : j.value("pretokenizers", json::array())) parse_pre_tokenizer(p, file, out);
+  } else if (t == "Split") {
+    PreStep step{PreStep::Kind::Split, nullptr};
+    const json& pat = j.value("pattern", json());
+    if (pat.is_object() && pat.contains("Regex") && pat["Regex"].is_string())
+      step.regex = std::make_shared<Regex>(pat["Regex"].get<std::string>(), false, file.string());
+    else if (pat.is_object() && pat.contains("String") && pat["String"].is_string())
+      step.regex = std::make_shared<Regex>(pat["String"].get<std::string>(), true, file.string());
+    else
+      throw Error(file.string() + ": Split pre-tokenizer without a Regex or String pattern");
+    std::string behavior = j.value("behavior", std::string("Isolated"));
+    if (behavior == "Isolated") step.behavior = PreStep::Behavior::Isolated;
+    else if (behavior == "Removed") step.behavior = PreStep::Behavior::Removed;
+    else unsupported(file, "Split pre-tokenizer behavior '" + behavior + "'");
+    if (j.value("invert", false)) unsupported(file, "Split pre-tokenizer with invert=true");
+    out.push_back(std::move(step));
+  } else if (t == "Digits") {
+    PreStep step{PreStep::Kind::Digits, nullptr};
+    step.individual_digits = j.value("individual_digits", false);
+    out.push_back(std::move(step));
+  } else if (t == "ByteLevel") {
+    PreStep step{PreStep::Kind::ByteLevel, nullptr};
+    step.add_prefix_space = j.value("add_prefix_space", true);
+    if (j.value("use_regex", true)) step.regex = std::make_shared<Regex>(kGpt2Regex, false, file.string());
+    out.push_back(std::move(step));
+  } else {
+    unsupported(file, "pre_tokenizer type '" + t + "'");
+  }
+}
+
+// Collects TemplateProcessing's single template; ByteLevel post-processing only trims offsets.
+void parse_post_processor(const json& j, const fs::path& file, std::vector<TemplateItem>& out) {
+  if (j.is_null()) return;
+  std::string t = type_of(j, file, "post_processor");
+  if (t == "Sequence") {
+    for (const auto& p : j.value("processors", json::array())) parse_post_processor(p, file, out);
+  } else if (t == "ByteLevel") {
+    return;
+  } else if (t == "TemplateProcessing") {
+    if (!out.empty()) unsupported(file, "post_processor with two TemplateProcessing steps");
+    const json& specials = j.value("special_tokens", json::object());
+    for (const auto& item : j.value("single", json::array())) {
+      if (item.contains("Sequence")) {
+        if (item["Sequence"].value("id", std::string("A")) != "A")
+          throw Error(file.string() + ": TemplateProcessing single template refers to sequence B");
+        out.push_back({true, {}});
+      } else if (item.contains("SpecialToken")) {
+        std::string name = item["SpecialToken"].value("id", std::string());
+        if (!specials.contains(name))
+          throw Error(file.string() + ": TemplateProcessing uses special token '" + name +
+                      "' missing from its special_tokens");
+        TemplateItem ti;
+        for (const auto& id : specials[name].value("ids", json::array())) ti.ids.push_back(id.get<int32_t>());
+        out.push_back(std::move(ti));
+      } else {
+        throw Error(file.string() + ": TemplateProcessing item is neither Sequence nor SpecialToken");
+      }
+    }
+    bool has_seq = std::any_of(out.begin(), out.end(), [](const TemplateItem& i) { return i.is_sequence; });
+    if (!has_seq) throw Error(file.string() + ": TemplateProcessing single template has no $A sequence");
+  } else {
+    unsupported(file, "post_processor type '" + t + "'");
+  }
+}
+
+BpeTokenizer::Decoder parse_decoder(const json& j, const fs::path& file) {
+  if (j.is_null()) return BpeTokenizer::Decoder::None;
+  std::string t = type_of(j, file, "decoder");
+  if (t == "ByteLevel") return BpeTokenizer::Decoder::ByteLevel;
+  if (t == "Sequence") {
+    const json& ds = j.value("decoders", json::array());
+    if (ds.size() == 1) return parse_decoder(ds[0], file);
+    unsupported(file, "decoder Sequence of " + std::to_string(ds.size()) + " decoders");
+  }
+  unsupported(file, "decoder type '" + t + "'");
+}
+
+void apply_config(BpeTokenizer& tok, const TokenizerConfig& config, std::optional<std::string> default_bos,
+                  std::optional<std::string> default_eos) {
+  auto id_of = [&](const std::optional<std::string>& s, const char* what) -> std::optional<int64_t> {
+    if (!s) return std::nullopt;
+    auto id = TokenizerLoader::lookup(tok, *s);
+    if (!id)
+      throw Error((config.file.empty() ? tok.source_ : config.file.string()) + ": " + what + " '" + *s +
+                  "' is not in the tokenizer's vocabulary");
+    return id;
+  };
+  std::optional<std::string> bos = config.bos_token ? config.bos_token : default_bos;
+  std::optional<std::string> eos = config.eos_token ? config.eos_token : default_eos;
+  auto bos_id = id_of(bos, "bos_token"), eos_id = id_of(eos, "eos_token"), pad_id = id_of(config.pad_token, "pad_token");
+  TokenizerLoader::set_ids(tok, bos_id, eos_id, pad_id);
+  if (config.add_bos_token.value_or(false)) {
+    if (!bos_id) throw Error(config.file.string() + ": add_bos_token is true but there is no bos_token");
+    bool templ_adds = !tok.template_.empty() && !tok.template_.front().is_sequence &&
+                      !tok.template_.front().ids.empty() && tok.template_.front().ids.front() == *bos_id;
+    if (!templ_adds) tok.extra_bos_ = static_cast<int32_t>(*bos_id);
+  }
+  if (config.add_eos_token.value_or(false)) {
+    if (!eos_id) throw Error(config.file.string() + ": add_eos_token is true but there is no eos_token");
+    tok.extra_eos_ = static_cast<int32_t>(*eos_id);
+  }
+}
+
+}  // namespace
+
+std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const fs::path& file, const TokenizerConfig& config) {
+  json j = parse_json_file(file);
+  if (!j.is_object()) throw Error(file.string() + ": not a tokenizer.json (top level is not an object)");
+  if (!j.contains("model") || !j["model"].is_object()) throw Error(file.string() + ": missing \"model\"");
+  const json& m = j["model"];
+  std::string mtype = m.value("type", std::string("BPE"));
+  if (mtype != "BPE") unsupported(file, "model type '" + mtype + "'");
+  if (!m.contains("vocab") || !m["vocab"].is_object()) throw Error(file.string() + ": missing model.vocab");
+  if (!m.contains("merges") || !m["merges"].is_array()) throw Error(file.string() + ": missing model.merges");
+  if (m.contains("dropout") && !m["dropout"].is_null() && m["dropout"].get<double>() != 0.0)
+    unsupported(file, "BPE dropout");
+  for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"})
+    if (m.contains(key) && m[key].is_string() && !m[key].get<std::string>().empty())
+      unsupported(file, std::string("BPE ") + key + " '" + m[key].get<std::string>() + "'");
+
+  auto tok = std::make_unique<BpeTokenizer>(file.string(), "tokenizer.json (byte-level BPE)");
+  Vocab vocab;
+  vocab.reserve(m["vocab"].size());
+  for (const auto& [k, v] : m["vocab"].items()) {
+    if (!v.is_number_integer()) throw Error(file.string() + ": model.vocab entry '" + k + "' is not an integer id");
+    vocab.emplace(k, v.get<int32_t>());
+  }
+  tok->set_vocab(std::move(vocab));
+  int32_t rank = 0;
+  for (const auto& mg : m["merges"]) {
+    if (mg.is_string()) {
+      const std::string& s = mg.get_ref<const std::string&>();
+      size_t sp = s.find(' ');
+      if (sp == std::string::npos || s.find(' ', sp + 1) != std::string::npos)
+        throw Error(file.string() + ": merge " + std::to_string(rank) + " '" + s + "' is not two tokens");
+      tok->add_merge(std::string_view(s).substr(0, sp), std::string_view(s).substr(sp + 1), rank);
+    } else if (mg.is_array() && mg.size() == 2 && mg[0].is_string() && mg[1].is_string()) {
+      tok->add_merge(mg[0].get_ref<const std::string&>(), mg[1].get_ref<const std::string&>(), rank);
+    } else {
+      throw Error(file.string() + ": merge " + std::to_string(rank) + " is neither \"a b\" nor [\"a\", \"b\"]");
+    }
+    ++rank;
+  }
+  tok->ignore_merges_ = m.value("ignore_merges", false);
+  tok->fuse_unk_ = m.value("fuse_unk", false);
+  tok->byte_fallback_ = m.value("byte_fallback", false);
+  if (m.contains("unk_token") && m["unk_token"].is_string()) {
+    auto it = tok->vocab_.find(m["unk_token"].get<std::string>());
+    if (it == tok->vocab_.end())
+      throw Error(file.string() + ": model.unk_token '" + m["unk_token"].get<std::string>() + "' is not in model.vocab");
+    tok->unk_id_ = it->second;
+  }
+
+  for (const auto& a : j.value("added_tokens", json::array())) {
+    AddedToken t;
+    t.content = a.value("content", std::string());
+    t.id = a.value("id", -1);
+    if (t.id < 0) throw Error(file.string() + ": added token '" + t.content + "' has no id");
+    t.special = a.value("special", false);
+    t.lstrip = a.value("lstrip", false);
+    t.rstrip = a.value("rstrip", false);
+    t.single_word = a.value("single_word", false);
+    t.normalized = a.value("normalized", !t.special);
+    tok->add_token(std::move(t));
+  }
+  parse_normalizer(j.value("normalizer", json()), file, tok->normalizers_);
+  tok->finish_added_tokens();
+  parse_pre_tokenizer(j.value("pre_tokenizer", json()), file, tok->pre_steps_);
+  parse_post_processor(j.value("post_processor", json()), file, tok->template_);
+  tok->decoder_ = parse_decoder(j.value("decoder", json()), file);
+
+  // Without a tokenizer_config.json, a template that starts with a special token names the BOS.
+  std::optional<std::string> default_bos;
+  if (!tok->template_.empty() && !tok->template_.front().is_sequence && tok->template_.front().ids.size() == 1)
+    default_bos = tok->id_to_token(tok->template_.front().ids[0]);
+  apply_config(*tok, config, default_bos, std::nullopt);
+  return tok;
+}
+
+std::unique_ptr<Tokenizer> load_gpt2_files(const fs::path& vocab_json, const fs::path& merges_txt,
+                                           const TokenizerConfig& config) {
+  json v = parse_json_file(vocab_json);
+  if (!v.is_object()) throw Error(vocab_json.string() + ": not a token -> id object");
+  auto tok = std::make_unique<BpeTokenizer>(vocab_json.parent_path().string(), "vocab.json + merges.txt (GPT-2 BPE)");
+  Vocab vocab;
+  for (const auto& [k, id] : v.items()) {
+    if (!id.is_number_integer()) throw Error(vocab_json.string() + ": entry '" + k + "' is not an integer id");
+    vocab.emplace(k, id.get<int32_t>());
+  }
+  tok->set_vocab(std::move(vocab));
+  std::ifstream in(merges_txt, std::ios::binary);
+  if (!in) throw Error("cannot open " + merges_txt.string());
+  std::string line;
+  int32_t rank = 0;
+  size_t lineno = 0;
+  while (std::getline(in, line)) {
+    ++lineno;
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.empty() || (lineno == 1 && line.rfind("#version", 0) == 0)) continue;
+    size_t sp = line.find(' ');
+    if (sp == std::string::npos || line.find(' ', sp + 1) != std::string::npos)
+      throw Error(merges_txt.string() + ":" + std::to_string(lineno) + ": '" + line + "' is not two tokens");
+    tok->add_merge(std::string_view(line).substr(0, sp), std::string_view(line).substr(sp + 1), rank++);
+  }
+  // GPT2Tokenizer(Fast) registers <|endoftext|> (bos = eos = unk) as a special added token.
+  std::optional<std::string> eot;
+  if (auto it = tok->vocab_.find(std::string_view("<|endoftext|>")); it != tok->vocab_.end()) {
+    eot = "<|endoftext|>";
+    AddedToken t;
+    t.content = "<|endoftext|>";
+    t.id = it->second;
+    t.special = true;
+    tok->add_token(std::move(t));
+  }
+  tok->finish_added_tokens();
+  PreStep step{PreStep::Kind::ByteLevel, std::make_shared<Regex>(kGpt2Regex, false, merges_txt.string())};
+  step.add_prefix_space = false;
+  tok->pre_steps_.push_back(std::move(step));
+  tok->decoder_ = BpeTokenizer::Decoder::ByteLevel;
+  apply_config(*tok, config, eot, eot);
+  return tok;
+}
+
+}  // namespace sparsecl::text

@@ -1,0 +1,151 @@
+// Tokenizer::load: finds which tokenizer format a checkpoint directory ships, reads its
+// tokenizer_config.json (special tokens, add_bos_token, chat template) and builds the matching backend.
+// The order mirrors what HF transformers uses: tokenizer.json (fast tokenizer) first, then the
+// SentencePiece model (slow tokenizer), then GPT-2's vocab.json + merges.txt.
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "sparsecl/common/log.h"
+#include "sparsecl/text/backends.h"
+#include "sparsecl/text/tokenizer.h"
+
+namespace sparsecl::text {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+Tokenizer::Tokenizer() = default;
+Tokenizer::~Tokenizer() = default;
+
+namespace {
+
+std::optional<std::string> token_text(const json& j, const fs::path& file, const char* key) {
+  if (!j.contains(key) || j[key].is_null()) return std::nullopt;
+  const json& v = j[key];
+  if (v.is_string()) return v.get<std::string>();
+  if (v.is_object() && v.contains("content") && v["content"].is_string()) return v["content"].get<std::string>();
+  throw Error(file.string() + ": \"" + key + "\" is neither a string nor an object with \"content\"");
+}
+
+std::string slurp(const fs::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  if (!in) throw Error("cannot open " + file.string());
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+TokenizerConfig read_tokenizer_config(const fs::path& dir) {
+  TokenizerConfig c;
+  fs::path file = dir / "tokenizer_config.json";
+  if (fs::exists(file)) {
+    c.file = file;
+    json j;
+    try {
+      j = json::parse(slurp(file));
+    } catch (const json::exception& e) {
+      throw Error(file.string() + ": malformed JSON: " + e.what());
+    }
+    if (!j.is_object()) throw Error(file.string() + ": top level is not an object");
+    c.bos_token = token_text(j, file, "bos_token");
+    c.eos_token = token_text(j, file, "eos_token");
+    c.pad_token = token_text(j, file, "pad_token");
+    c.unk_token = token_text(j, file, "unk_token");
+    for (auto [key, dst] : {std::pair{"add_bos_token", &c.add_bos_token}, std::pair{"add_eos_token", &c.add_eos_token}}) {
+      if (!j.contains(key) || j[key].is_null()) continue;
+      if (!j[key].is_boolean()) throw Error(file.string() + ": \"" + key + "\" is not a boolean");
+      *dst = j[key].get<bool>();
+    }
+    if (j.contains("chat_template") && !j["chat_template"].is_null()) {
+      const json& t = j["chat_template"];
+      if (t.is_string()) {
+        c.chat_template = t.get<std::string>();
+      } else if (t.is_array()) {
+        for (const auto& e : t)
+          if (e.is_object() && e.value("name", std::string()) == "default" && e.contains("template") &&
+              e["template"].is_string())
+            c.chat_template = e["template"].get<std::string>();
+      } else {
+        throw Error(file.string() + ": \"chat_template\" is neither a string nor a list of named templates");
+      }
+      if (c.chat_template) c.chat_template_source = file;
+    }
+  }
+  fs::path jinja = dir / "chat_template.jinja";
+  if (fs::exists(jinja)) {
+    c.chat_template = slurp(jinja);
+    c.chat_template_source = jinja;
+  }
+  return c;
+}
+
+namespace {
+
+std::unique_ptr<Tokenizer> load_any(const fs::path& path, fs::path& dir) {
+  std::error_code ec;
+  if (!fs::exists(path, ec)) throw Error("tokenizer path " + path.string() + " does not exist");
+  if (fs::is_directory(path)) {
+    dir = path;
+    TokenizerConfig config = read_tokenizer_config(dir);
+    fs::path json_file = dir / "tokenizer.json", sp_file = dir / "tokenizer.model";
+    fs::path vocab = dir / "vocab.json", merges = dir / "merges.txt";
+    if (fs::exists(json_file)) {
+      try {
+        return load_hf_tokenizer_json(json_file, config);
+      } catch (const UnsupportedComponent& e) {
+        if (!fs::exists(sp_file)) throw;
+        sparsecl::log::debug(e.what(), "; using ", sp_file.string(), " instead");
+        return load_sentencepiece_model(sp_file, config);
+      }
+    }
+    if (fs::exists(sp_file)) return load_sentencepiece_model(sp_file, config);
+    if (fs::exists(vocab) && fs::exists(merges)) return load_gpt2_files(vocab, merges, config);
+    throw Error("tokenizer directory " + path.string() +
+                " has no tokenizer.json, tokenizer.model or vocab.json + merges.txt");
+  }
+  dir = path.parent_path();
+  std::string name = path.filename().string();
+  TokenizerConfig config = read_tokenizer_config(dir);
+  if (name == "tokenizer_config.json") return load_any(dir, dir);
+  if (name == "vocab.json") return load_gpt2_files(path, dir / "merges.txt", config);
+  if (name == "merges.txt") return load_gpt2_files(dir / "vocab.json", path, config);
+  if (path.extension() == ".model") return load_sentencepiece_model(path, config);
+  if (path.extension() == ".json") return load_hf_tokenizer_json(path, config);
+  throw Error("tokenizer file " + path.string() +
+              " is not a tokenizer.json, a SentencePiece .model or GPT-2 vocab.json/merges.txt");
+}
+
+}  // namespace
+
+std::unique_ptr<Tokenizer> Tokenizer::load(const fs::path& path) {
+  fs::path dir;
+  std::unique_ptr<Tokenizer> tok = load_any(path, dir);
+  TokenizerConfig config = read_tokenizer_config(dir);
+
+  std::unique_ptr<ChatTemplate> tmpl;
+  std::string bos_text;
+  if (config.bos_token) bos_text = *config.bos_token;
+  else if (tok->bos_id()) bos_text = tok->id_to_token(*tok->bos_id()).value_or("");
+  if (config.chat_template) {
+    std::string why;
+    tmpl = ChatTemplate::from_jinja(*config.chat_template, bos_text, &why);
+    if (!tmpl)
+      sparsecl::log::warn(config.chat_template_source.string(), ": chat template not supported (", why,
+                "); chat prompts are unavailable with this tokenizer");
+  } else if (TokenizerLoader::lookup(*tok, "<|im_start|>") && TokenizerLoader::lookup(*tok, "<|im_end|>")) {
+    tmpl = std::make_unique<ChatTemplate>(ChatTemplate::Options{});
+  } else if (TokenizerLoader::lookup(*tok, "<|start_header_id|>") && TokenizerLoader::lookup(*tok, "<|eot_id|>")) {
+    ChatTemplate::Options o;
+    o.format = ChatFormat::Llama3;
+    o.bos_text = bos_text;
+    o.trim_content = true;
+    tmpl = std::make_unique<ChatTemplate>(o);
+  }
+  TokenizerLoader::set_chat_template(*tok, std::move(tmpl));
+  return tok;
+}
+
+}  // namespace sparsecl::text
