@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Device check of the top-k / statistics / IoU kernels, for the GPU machine after `bash .device/build.sh`
+# has built build-gpu/: the kernel tests (CUDA cases against the CPU reference), compute-sanitizer
+# memcheck + racecheck on a few small cases, `sparsecl bench kernels` (bf16 1% = the H200 target,
+# bf16 5% = the probe default, float32 1%; bf16 1% again with SPARSECL_TOPK_VPT=16, the other
+# register tier, to choose the default) and one Nsight Compute summary of the fast top-k kernel.
+# Logs go to $OUT (default /tmp/device_kernels-out). About 2 minutes (at most 7.5 by the per-step timeouts).
+#   usage: bash scripts/device_kernels.sh [build-dir]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+B=${1:-build-gpu}
+OUT=${OUT:-/tmp/device_kernels-out}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH=/tmp/deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+status=0
+step() {  # step NAME TIMEOUT CMD...: run, tee to $OUT/NAME.log, remember a failure
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name: $*" | tee "$OUT/$name.log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc" | tee -a "$OUT/$name.log"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+
+step kernel_tests 100 "$B/tests/sparsecl_kernel_tests" --gtest_brief=1
+
+SMALL='Kernels/TopkCuda.MatchesCpuReference/*_5x100_*:Kernels/TopkCuda.MatchesCpuReference/*x4099_k_41_BFloat16_contiguous:'
+SMALL+='Kernels/TopkCuda.MatchesCpuReference/*_19x4099_k_41_Float_colslice:Kernels/TopkCuda.MatchesCpuReference/*_23x4096_k_41_BFloat16_ties:'
+SMALL+='Kernels/TopkCuda.MatchesCpuReference/*_23x4096_k_400_BFloat16_sample_high'
+if command -v compute-sanitizer >/dev/null; then
+  step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/tests/sparsecl_kernel_tests" \
+    --gtest_brief=1 --gtest_filter="$SMALL:IouCuda.*:NeuronStatsCuda.*"
+  step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 9 "$B/tests/sparsecl_kernel_tests" \
+    --gtest_brief=1 --gtest_filter="$SMALL"
+fi
+
+step bench_bf16_1pct 60 "$B/sparsecl" bench kernels
+step bench_bf16_5pct 40 "$B/sparsecl" bench kernels --ratio 0.05 --iters 10
+step bench_bf16_1pct_vpt16 40 env SPARSECL_TOPK_VPT=16 "$B/sparsecl" bench kernels --iters 10
+step bench_f32_1pct 40 "$B/sparsecl" bench kernels --dtype float32 --rows 8192 --iters 10
+
+if command -v ncu >/dev/null; then
+  step ncu_topk 45 ncu --clock-control none --kernel-name regex:topk_abs_fast --launch-skip 1 --launch-count 1 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats \
+    "$B/sparsecl" bench kernels --iters 1
+fi
+
+echo "device_kernels: $([ $status -eq 0 ] && echo all steps passed || echo SOME STEPS FAILED), logs in $OUT"
+exit $status
