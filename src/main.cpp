@@ -18,6 +18,8 @@ int main(int argc, char** argv) {
   sparsecl::cli::add_forward(app);
   sparsecl::cli::add_generate(app);
   sparsecl::cli::add_tokenize(app);
+  sparsecl::cli::add_config(app);
+  sparsecl::cli::add_bench(app);
 
   try {
     app.parse(argc, argv);
