@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "sparsecl/common/error.h"
+#include "sparsecl/common/files.h"
 
 namespace sparsecl::io {
 namespace fs = std::filesystem;
@@ -188,13 +189,7 @@ Checkpoint Checkpoint::open(const fs::path& dir_or_file) {
   const fs::path single = dir_or_file / "model.safetensors";
   const fs::path index = dir_or_file / "model.safetensors.index.json";
   if (fs::exists(index)) {
-    json j;
-    try {
-      std::ifstream in(index);
-      j = json::parse(in);
-    } catch (const json::exception& e) {
-      throw Error(index.string() + ": not valid JSON (" + e.what() + ")");
-    }
+    const json j = read_json_file(index, "checkpoint index");
     if (!j.contains("weight_map") || !j["weight_map"].is_object())
       throw Error(index.string() + ": no 'weight_map' object");
     std::map<std::string, std::vector<std::string>> by_shard;

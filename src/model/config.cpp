@@ -4,6 +4,7 @@
 #include <fstream>
 
 #include "sparsecl/common/error.h"
+#include "sparsecl/common/files.h"
 
 namespace sparsecl::model {
 namespace fs = std::filesystem;
@@ -119,15 +120,7 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
 
 ModelConfig ModelConfig::load(const fs::path& dir_or_file) {
   const fs::path path = fs::is_directory(dir_or_file) ? dir_or_file / "config.json" : dir_or_file;
-  std::ifstream in(path);
-  if (!in) throw Error(path.string() + ": cannot open model config");
-  json j;
-  try {
-    j = json::parse(in);
-  } catch (const json::exception& e) {
-    throw Error(path.string() + ": not valid JSON (" + e.what() + ")");
-  }
-  return from_json(j, path.string());
+  return from_json(read_json_file(path, "model config"), path.string());
 }
 
 json ModelConfig::to_json() const {

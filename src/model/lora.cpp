@@ -7,6 +7,7 @@
 #include <regex>
 
 #include "sparsecl/common/error.h"
+#include "sparsecl/common/files.h"
 #include "sparsecl/io/safetensors.h"
 
 namespace sparsecl::model {
@@ -97,14 +98,7 @@ double LoraConfig::scale_for(const std::string& module) const {
 LoraAdapter LoraAdapter::load(const fs::path& dir) {
   const fs::path cfg_path = dir / "adapter_config.json";
   const fs::path weights_path = dir / "adapter_model.safetensors";
-  std::ifstream in(cfg_path);
-  if (!in) throw Error(cfg_path.string() + ": cannot open adapter config");
-  json j;
-  try {
-    j = json::parse(in);
-  } catch (const json::exception& e) {
-    throw Error(cfg_path.string() + ": not valid JSON (" + e.what() + ")");
-  }
+  const json j = read_json_file(cfg_path, "adapter config");
   LoraAdapter a;
   a.config = LoraConfig::from_peft_json(j, cfg_path.string());
   auto file = io::SafetensorsFile::open(weights_path);

@@ -30,6 +30,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "sparsecl/common/files.h"
 #include "sparsecl/text/backends.h"
 #include "sparsecl/text/unicode.h"
 
@@ -50,22 +51,6 @@ struct StringHash {
 };
 using Vocab = std::unordered_map<std::string, int32_t, StringHash, std::equal_to<>>;
 
-std::string read_file(const fs::path& file) {
-  std::ifstream in(file, std::ios::binary);
-  if (!in) throw Error("cannot open tokenizer file " + file.string());
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-json parse_json_file(const fs::path& file) {
-  std::string text = read_file(file);
-  try {
-    return json::parse(text);
-  } catch (const json::exception& e) {
-    throw Error(file.string() + ": malformed JSON: " + e.what());
-  }
-}
 
 // ---- PCRE2 regex ---------------------------------------------------------------------------------
 class Regex {
@@ -728,7 +713,7 @@ void apply_config(BpeTokenizer& tok, const TokenizerConfig& config, std::optiona
 }  // namespace
 
 std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const fs::path& file, const TokenizerConfig& config) {
-  json j = parse_json_file(file);
+  json j = read_json_file(file, "tokenizer file");
   if (!j.is_object()) throw Error(file.string() + ": not a tokenizer.json (top level is not an object)");
   if (!j.contains("model") || !j["model"].is_object()) throw Error(file.string() + ": missing \"model\"");
   const json& m = j["model"];
@@ -803,7 +788,7 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const fs::path& file, const To
 
 std::unique_ptr<Tokenizer> load_gpt2_files(const fs::path& vocab_json, const fs::path& merges_txt,
                                            const TokenizerConfig& config) {
-  json v = parse_json_file(vocab_json);
+  json v = read_json_file(vocab_json, "tokenizer file");
   if (!v.is_object()) throw Error(vocab_json.string() + ": not a token -> id object");
   auto tok = std::make_unique<BpeTokenizer>(vocab_json.parent_path().string(), "vocab.json + merges.txt (GPT-2 BPE)");
   Vocab vocab;

@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "sparsecl/common/error.h"
+#include "sparsecl/common/files.h"
 #include "sparsecl/text/unicode.h"
 
 namespace sparsecl::text {
@@ -152,11 +153,7 @@ std::unique_ptr<ChatTemplate> ChatTemplate::from_jinja(std::string_view t, std::
 }
 
 std::unique_ptr<ChatTemplate> ChatTemplate::from_file(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error("cannot open chat template file " + path.string());
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  std::string text = ss.str(), tmpl, bos;
+  std::string text = read_file(path, "chat template file"), tmpl, bos;
   if (path.extension() == ".jinja") {
     tmpl = text;
   } else {

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "sparsecl/common/files.h"
 #include "sparsecl/common/log.h"
 #include "sparsecl/text/backends.h"
 #include "sparsecl/text/tokenizer.h"
@@ -28,13 +29,6 @@ std::optional<std::string> token_text(const json& j, const fs::path& file, const
   throw Error(file.string() + ": \"" + key + "\" is neither a string nor an object with \"content\"");
 }
 
-std::string slurp(const fs::path& file) {
-  std::ifstream in(file, std::ios::binary);
-  if (!in) throw Error("cannot open " + file.string());
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 }  // namespace
 
@@ -43,12 +37,7 @@ TokenizerConfig read_tokenizer_config(const fs::path& dir) {
   fs::path file = dir / "tokenizer_config.json";
   if (fs::exists(file)) {
     c.file = file;
-    json j;
-    try {
-      j = json::parse(slurp(file));
-    } catch (const json::exception& e) {
-      throw Error(file.string() + ": malformed JSON: " + e.what());
-    }
+    const json j = read_json_file(file, "tokenizer config");
     if (!j.is_object()) throw Error(file.string() + ": top level is not an object");
     c.bos_token = token_text(j, file, "bos_token");
     c.eos_token = token_text(j, file, "eos_token");
@@ -76,7 +65,7 @@ TokenizerConfig read_tokenizer_config(const fs::path& dir) {
   }
   fs::path jinja = dir / "chat_template.jinja";
   if (fs::exists(jinja)) {
-    c.chat_template = slurp(jinja);
+    c.chat_template = read_file(jinja, "chat template");
     c.chat_template_source = jinja;
   }
   return c;

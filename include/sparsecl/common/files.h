@@ -1,0 +1,17 @@
+// Reading whole files with errors that name the file: the one place every loader (config.json,
+// tokenizer files, adapter configs, checkpoint indexes, chat templates) goes through.
+#pragma once
+
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <string>
+
+namespace sparsecl {
+
+// The file's bytes; throws sparsecl::Error "cannot open <what> <file>" when it cannot be read.
+std::string read_file(const std::filesystem::path& file, const std::string& what = "file");
+
+// The file parsed as JSON; throws sparsecl::Error naming the file for I/O and syntax errors.
+nlohmann::json read_json_file(const std::filesystem::path& file, const std::string& what = "file");
+
+}  // namespace sparsecl
