@@ -10,6 +10,7 @@ void add_info(CLI::App& root);
 void add_forward(CLI::App& root);
 void add_generate(CLI::App& root);
 void add_tokenize(CLI::App& root);
+void add_probe(CLI::App& root);
 void add_bench(CLI::App& root);
 void add_config(CLI::App& root);
 

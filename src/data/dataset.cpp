@@ -1,0 +1,240 @@
+// JSONL domain files -> token examples -> right-padded batches (see include/sparsecl/data/dataset.h).
+// Every line is parsed and validated up front (so a bad record anywhere in the file is reported with
+// its line number, not only when it happens to be selected); only the selected records are tokenized.
+#include "sparsecl/data/dataset.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "sparsecl/common/error.h"
+#include "sparsecl/text/chat_template.h"
+#include "sparsecl/text/tokenizer.h"
+
+namespace sparsecl::data {
+
+namespace {
+
+using json = nlohmann::json;
+
+struct Record {
+  RecordKind kind = RecordKind::Ids;
+  std::string text, prompt, response;
+  std::vector<int64_t> ids;
+};
+
+std::string type_name(const json& j) { return j.type_name(); }
+
+Record parse_record(const std::string& line, const std::string& where) {
+  json j;
+  try {
+    j = json::parse(line);
+  } catch (const json::parse_error& e) {
+    throw Error(where + ": not valid JSON (" + e.what() + ")");
+  }
+  if (!j.is_object()) throw Error(where + ": a record must be a JSON object, got " + type_name(j));
+  const bool has_ids = j.contains("ids"), has_text = j.contains("text");
+  const bool has_prompt = j.contains("prompt"), has_response = j.contains("response");
+  const int forms = int(has_ids) + int(has_text) + int(has_prompt || has_response);
+  if (forms == 0) throw Error(where + ": record has none of \"text\", \"prompt\"+\"response\", \"ids\"");
+  if (forms > 1) throw Error(where + ": record mixes the forms \"text\", \"prompt\"/\"response\" and \"ids\"; use one");
+  Record r;
+  if (has_ids) {
+    const json& a = j["ids"];
+    if (!a.is_array()) throw Error(where + ": \"ids\" must be a list of integers, got " + type_name(a));
+    if (a.empty()) throw Error(where + ": \"ids\" is empty");
+    r.ids.reserve(a.size());
+    for (size_t i = 0; i < a.size(); ++i) {
+      if (!a[i].is_number_integer() || a[i].get<int64_t>() < 0)
+        throw Error(where + ": \"ids\"[" + std::to_string(i) + "] must be a non-negative integer, got " + a[i].dump());
+      r.ids.push_back(a[i].get<int64_t>());
+    }
+    r.kind = RecordKind::Ids;
+  } else if (has_text) {
+    if (!j["text"].is_string()) throw Error(where + ": \"text\" must be a string, got " + type_name(j["text"]));
+    r.text = j["text"].get<std::string>();
+    r.kind = RecordKind::Text;
+  } else {
+    if (!has_prompt) throw Error(where + ": record has \"response\" but no \"prompt\"");
+    if (!has_response) throw Error(where + ": record has \"prompt\" but no \"response\"");
+    if (!j["prompt"].is_string()) throw Error(where + ": \"prompt\" must be a string, got " + type_name(j["prompt"]));
+    if (!j["response"].is_string())
+      throw Error(where + ": \"response\" must be a string, got " + type_name(j["response"]));
+    r.prompt = j["prompt"].get<std::string>();
+    r.response = j["response"].get<std::string>();
+    r.kind = RecordKind::Chat;
+  }
+  return r;
+}
+
+void append(std::vector<int64_t>& dst, const std::vector<int64_t>& src) { dst.insert(dst.end(), src.begin(), src.end()); }
+
+Example tokenize(const Record& r, const text::Tokenizer* tok, int64_t max_length, bool plain_chat_fallback,
+                 const std::string& where) {
+  Example ex;
+  ex.kind = r.kind;
+  if (r.kind == RecordKind::Ids) {
+    ex.ids = r.ids;
+    ex.loss_mask.assign(ex.ids.size(), 1);
+  } else {
+    if (!tok) throw Error(where + ": a \"text\" or \"prompt\"/\"response\" record needs a tokenizer (none given)");
+    if (r.kind == RecordKind::Text) {
+      ex.ids = tok->encode(r.text, /*add_special_tokens=*/true);
+      ex.loss_mask.assign(ex.ids.size(), 1);
+    } else if (const text::ChatTemplate* tmpl = tok->chat_template()) {
+      const std::vector<text::ChatMessage> prompt_msgs = {{"user", r.prompt}};
+      const std::vector<text::ChatMessage> full_msgs = {{"user", r.prompt}, {"assistant", r.response}};
+      const std::string prompt_text = tmpl->render(prompt_msgs, /*add_generation_prompt=*/true);
+      const std::string full_text = tmpl->render(full_msgs, /*add_generation_prompt=*/false);
+      std::vector<int64_t> prompt_ids = tok->encode(prompt_text, false);
+      std::vector<int64_t> full_ids = tok->encode(full_text, false);
+      const bool token_prefix = prompt_ids.size() <= full_ids.size() &&
+                                std::equal(prompt_ids.begin(), prompt_ids.end(), full_ids.begin());
+      if (token_prefix) {
+        ex.ids = std::move(full_ids);
+      } else if (full_text.compare(0, prompt_text.size(), prompt_text) == 0) {
+        // The tokenizer merged across the boundary: tokenize the two parts separately so that the
+        // prompt/response boundary stays a token boundary.
+        ex.ids = prompt_ids;
+        append(ex.ids, tok->encode(std::string_view(full_text).substr(prompt_text.size()), false));
+      } else {
+        throw Error(where + ": the chat template's generation prompt is not a prefix of the rendered conversation; "
+                            "cannot locate the response");
+      }
+      ex.loss_mask.assign(ex.ids.size(), 0);
+      std::fill(ex.loss_mask.begin() + static_cast<std::ptrdiff_t>(prompt_ids.size()), ex.loss_mask.end(), 1);
+    } else if (plain_chat_fallback) {
+      ex.ids = tok->encode(r.prompt + "\n\n", true);
+      const size_t n_prompt = ex.ids.size();
+      append(ex.ids, tok->encode(r.response, false));
+      ex.loss_mask.assign(ex.ids.size(), 0);
+      std::fill(ex.loss_mask.begin() + static_cast<std::ptrdiff_t>(n_prompt), ex.loss_mask.end(), 1);
+    } else {
+      throw Error(where + ": a \"prompt\"/\"response\" record needs a tokenizer with a chat template (this one has none)");
+    }
+  }
+  if (ex.ids.empty()) throw Error(where + ": record tokenizes to no tokens");
+  if (max_length > 0 && static_cast<int64_t>(ex.ids.size()) > max_length) {
+    ex.ids.resize(max_length);
+    ex.loss_mask.resize(max_length);
+    ex.truncated = true;
+  }
+  return ex;
+}
+
+}  // namespace
+
+uint64_t uniform_below(std::mt19937_64& rng, uint64_t bound) {
+  if (bound <= 1) return 0;
+  // Reject the top partial bucket so that every residue is equally likely.
+  const uint64_t limit = UINT64_MAX - (UINT64_MAX % bound + 1) % bound;
+  uint64_t x;
+  do x = rng();
+  while (x > limit);
+  return x % bound;
+}
+
+std::vector<int64_t> seeded_permutation(int64_t n, uint64_t seed) {
+  std::vector<int64_t> p(static_cast<size_t>(std::max<int64_t>(n, 0)));
+  for (int64_t i = 0; i < n; ++i) p[i] = i;
+  std::mt19937_64 rng(seed);
+  for (int64_t i = n - 1; i > 0; --i) std::swap(p[i], p[uniform_below(rng, static_cast<uint64_t>(i) + 1)]);
+  return p;
+}
+
+Example tokenize_record(const std::string& json_line, const text::Tokenizer* tokenizer, int64_t max_length,
+                        bool plain_chat_fallback, const std::string& where) {
+  Example ex = tokenize(parse_record(json_line, where), tokenizer, max_length, plain_chat_fallback, where);
+  return ex;
+}
+
+std::vector<Example> load_jsonl(const std::filesystem::path& path, const text::Tokenizer* tokenizer,
+                                const LoadOptions& options) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(path.string() + ": cannot open");
+  std::vector<Record> records;
+  std::vector<int64_t> lines;
+  std::string line;
+  int64_t lineno = 0;
+  while (std::getline(in, line)) {
+    ++lineno;
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.find_first_not_of(" \t") == std::string::npos) continue;  // blank lines are allowed
+    records.push_back(parse_record(line, path.string() + ":" + std::to_string(lineno)));
+    lines.push_back(lineno);
+  }
+  if (in.bad()) throw Error(path.string() + ": read error");
+  if (records.empty()) throw Error(path.string() + ": no records");
+
+  const int64_t n = static_cast<int64_t>(records.size());
+  std::vector<int64_t> order;
+  if (options.shuffle) {
+    order = seeded_permutation(n, options.seed);
+  } else {
+    order.resize(n);
+    for (int64_t i = 0; i < n; ++i) order[i] = i;
+  }
+  if (options.max_samples > 0 && options.max_samples < n) order.resize(options.max_samples);
+
+  std::vector<Example> out;
+  out.reserve(order.size());
+  for (int64_t i : order) {
+    const std::string where = path.string() + ":" + std::to_string(lines[i]);
+    Example ex = tokenize(records[i], tokenizer, options.max_length, options.plain_chat_fallback, where);
+    ex.line = lines[i];
+    out.push_back(std::move(ex));
+  }
+  return out;
+}
+
+Batch make_batch(const std::vector<Example>& examples, size_t begin, size_t end, int64_t pad_id) {
+  if (begin >= end || end > examples.size()) throw Error("make_batch: empty or out-of-range example range");
+  const int64_t B = static_cast<int64_t>(end - begin);
+  int64_t T = 0;
+  for (size_t i = begin; i < end; ++i) T = std::max<int64_t>(T, examples[i].ids.size());
+  Batch b;
+  b.input_ids = at::full({B, T}, pad_id, at::kLong);      // [B, T]
+  b.attention_mask = at::zeros({B, T}, at::kLong);        // [B, T]
+  b.labels = at::full({B, T}, int64_t{-100}, at::kLong);  // [B, T]
+  auto ids = b.input_ids.accessor<int64_t, 2>();
+  auto mask = b.attention_mask.accessor<int64_t, 2>();
+  auto labels = b.labels.accessor<int64_t, 2>();
+  for (int64_t r = 0; r < B; ++r) {
+    const Example& ex = examples[begin + r];
+    const int64_t n = static_cast<int64_t>(ex.ids.size());
+    for (int64_t t = 0; t < n; ++t) {
+      ids[r][t] = ex.ids[t];
+      mask[r][t] = 1;
+      if (ex.loss_mask[t]) {
+        labels[r][t] = ex.ids[t];
+        if (t >= 1) ++b.num_label_tokens;
+      }
+    }
+    b.num_tokens += n;
+    b.lengths.push_back(n);
+  }
+  return b;
+}
+
+int64_t pad_id_for(const text::Tokenizer* tokenizer) {
+  if (!tokenizer) return 0;
+  if (auto p = tokenizer->pad_id()) return *p;
+  if (auto e = tokenizer->eos_id()) return *e;
+  return 0;
+}
+
+Summary summarize(const std::vector<Example>& examples) {
+  Summary s;
+  for (const auto& ex : examples) {
+    ++s.examples;
+    s.tokens += static_cast<int64_t>(ex.ids.size());
+    s.max_length = std::max<int64_t>(s.max_length, ex.ids.size());
+    for (uint8_t m : ex.loss_mask) s.loss_tokens += m;
+    s.truncated += ex.truncated ? 1 : 0;
+  }
+  return s;
+}
+
+}  // namespace sparsecl::data

@@ -1,0 +1,214 @@
+// The probe's streaming pass: one domain's examples through the decoder in batches, statistics taken in
+// the ActivationHook at HookPoint::MlpIntermediate on the model's device. Per batch, the host only
+// builds index lists it already knows (which flat positions are real tokens, which tokens enter the
+// reservoir): nothing is read back from the device until the pass ends.
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+
+#include <algorithm>
+#include <random>
+#include <unordered_map>
+
+#include "sparsecl/common/error.h"
+#include "sparsecl/common/log.h"
+#include "sparsecl/common/progress.h"
+#include "sparsecl/kernels/neuron_stats.h"
+#include "sparsecl/kernels/topk.h"
+#include "sparsecl/model/decoder.h"
+#include "sparsecl/probe/probe.h"
+
+namespace sparsecl::probe {
+
+namespace {
+
+// Makes only the down_proj weights require grad for the duration of a gradient pass; restores every
+// parameter's flag (and drops the .grad tensors it created) on destruction.
+class DownProjGradScope {
+ public:
+  explicit DownProjGradScope(model::Decoder& decoder) : decoder_(decoder) {
+    for (auto& [name, p] : decoder.named_parameters()) {
+      saved_.push_back({p, p->requires_grad()});
+      if (p->requires_grad()) p->set_requires_grad(false);
+    }
+    for (auto& layer : decoder.layers()) layer.down_proj.weight.set_requires_grad(true);
+  }
+  ~DownProjGradScope() {
+    for (auto& layer : decoder_.layers()) {
+      layer.down_proj.weight.mutable_grad().reset();
+      layer.down_proj.weight.set_requires_grad(false);
+    }
+    for (auto& [p, flag] : saved_) p->set_requires_grad(flag);
+  }
+  DownProjGradScope(const DownProjGradScope&) = delete;
+  DownProjGradScope& operator=(const DownProjGradScope&) = delete;
+
+ private:
+  model::Decoder& decoder_;
+  std::vector<std::pair<at::Tensor*, bool>> saved_;
+};
+
+at::Tensor index_tensor(const std::vector<int64_t>& v, at::Device device) {
+  return at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(device);
+}
+
+}  // namespace
+
+at::Tensor DomainStats::mean_abs(int64_t layer) const {
+  return (layers.at(layer).sum_abs / static_cast<double>(std::max<int64_t>(num_tokens, 1))).to(at::kFloat);
+}
+
+at::Tensor DomainStats::freq(int64_t layer) const {
+  return (layers.at(layer).topk_count.to(at::kDouble) / static_cast<double>(std::max<int64_t>(num_tokens, 1)))
+      .to(at::kFloat);
+}
+
+at::Tensor DomainStats::score(int64_t layer, Score s) const { return s == Score::MeanAbs ? mean_abs(layer) : freq(layer); }
+
+at::Tensor DomainStats::grad_mass(int64_t layer) const {
+  const at::Tensor& g = layers.at(layer).grad;  // [H, I]
+  if (!g.defined()) return {};
+  return g.norm(2, {0}).to(at::kFloat);  // [I]: norm of column j = neuron j's output weights
+}
+
+DomainStats collect_domain_stats(model::Decoder& decoder, const std::vector<data::Example>& examples,
+                                 const std::string& name, const Settings& settings, int64_t pad_id,
+                                 uint64_t seed) {
+  const auto& cfg = decoder.config();
+  const int64_t L = cfg.num_hidden_layers, I = cfg.intermediate_size, H = cfg.hidden_size;
+  const int64_t n = static_cast<int64_t>(examples.size());
+  if (n == 0) throw Error("probe: domain '" + name + "' has no examples");
+  const int64_t k = top_count(settings.top_ratio, I);
+  const int64_t W = (I + 63) / 64;
+  const at::Device dev = decoder.device();
+  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(dev);
+
+  int64_t total_tokens = 0;
+  std::vector<float> seq_tokens(n);
+  for (int64_t i = 0; i < n; ++i) {
+    seq_tokens[i] = static_cast<float>(examples[i].ids.size());
+    total_tokens += static_cast<int64_t>(examples[i].ids.size());
+  }
+  const int64_t R = std::min(settings.token_pairs > 0 ? settings.token_reservoir : 0, total_tokens);
+
+  DomainStats st;
+  st.name = name;
+  st.intermediate_size = I;
+  st.k = k;
+  st.num_sequences = n;
+  st.seq_tokens = at::tensor(seq_tokens, at::TensorOptions().dtype(at::kFloat)).to(dev);  // [n]
+  st.layers.resize(L);
+  for (auto& ls : st.layers) {
+    ls.sum_abs = at::zeros({I}, f32.dtype(at::kDouble));  // [I]
+    ls.topk_count = at::zeros({I}, f32.dtype(at::kLong));  // [I]
+    ls.seq_sum = at::zeros({n, I}, f32);                   // [n, I]
+    ls.reservoir = at::zeros({R, W}, f32.dtype(at::kLong)); // [R, W]
+    if (settings.gradient_overlap) ls.grad = at::zeros({H, I}, f32);  // [H, I]
+  }
+  st.reservoir_seq.assign(R, -1);
+
+  std::optional<DownProjGradScope> grad_scope;
+  if (settings.gradient_overlap) grad_scope.emplace(decoder);
+  at::Tensor loss_sum = at::zeros({}, f32.dtype(at::kDouble));  // scalar, on the device
+
+  std::mt19937_64 rng(derive_seed(seed, "reservoir"));
+  int64_t seen = 0;  // real tokens streamed so far (reservoir sampling, algorithm R)
+  Progress bar("probe " + name, n, settings.progress);
+  const int64_t bs = std::max<int64_t>(settings.batch_size, 1);
+
+  for (int64_t start = 0; start < n; start += bs) {
+    const int64_t end = std::min(n, start + bs);
+    data::Batch batch = data::make_batch(examples, static_cast<size_t>(start), static_cast<size_t>(end), pad_id);
+    const int64_t B = batch.input_ids.size(0), T = batch.input_ids.size(1);
+
+    // Host-side index lists: flat positions (b*T + t) of real tokens and the global sequence of each;
+    // the reservoir's picks among them (a slot picked twice in one batch keeps the later token).
+    std::vector<int64_t> real, real_seq;
+    real.reserve(batch.num_tokens);
+    real_seq.reserve(batch.num_tokens);
+    std::unordered_map<int64_t, int64_t> slot_to_pos;
+    for (int64_t r = 0; r < B; ++r) {
+      for (int64_t t = 0; t < batch.lengths[r]; ++t) {
+        real.push_back(r * T + t);
+        real_seq.push_back(start + r);
+        if (R > 0) {
+          const int64_t slot =
+              seen < R ? seen : static_cast<int64_t>(data::uniform_below(rng, static_cast<uint64_t>(seen) + 1));
+          if (slot < R) {
+            slot_to_pos[slot] = r * T + t;
+            st.reservoir_seq[slot] = start + r;
+          }
+        }
+        ++seen;
+      }
+    }
+    std::vector<int64_t> res_pos, res_slot;
+    for (const auto& [slot, pos] : slot_to_pos) {
+      res_slot.push_back(slot);
+      res_pos.push_back(pos);
+    }
+    const at::Tensor real_idx = index_tensor(real, dev);      // [N]
+    const at::Tensor real_seq_idx = index_tensor(real_seq, dev);  // [N]
+    const at::Tensor res_pos_idx = index_tensor(res_pos, dev);    // [S]
+    const at::Tensor res_slot_idx = index_tensor(res_slot, dev);  // [S]
+
+    model::ActivationHook hook = [&](model::HookPoint point, int64_t l, const at::Tensor& live) {
+      if (point != model::HookPoint::MlpIntermediate) return;
+      LayerStats& ls = st.layers[l];
+      const at::Tensor flat = live.detach().reshape({B * T, I});  // [B*T, I]
+      const at::Tensor h = flat.index_select(0, real_idx);        // [N, I] real tokens only
+      kernels::accumulate_neuron_stats(h, k, ls.sum_abs, ls.topk_count);
+      if (settings.score == Score::MeanAbs) {
+        ls.seq_sum.index_add_(0, real_seq_idx, h.abs().to(at::kFloat));  // [n, I] += per-sequence |h|
+      } else {
+        const at::Tensor idx = kernels::topk_abs_indices(h, k).to(at::kLong);  // [N, k]
+        const at::Tensor flat_idx = (real_seq_idx.unsqueeze(1) * I + idx).reshape({-1});  // [N*k]
+        ls.seq_sum.view({-1}).index_add_(0, flat_idx, at::ones({flat_idx.size(0)}, f32));
+      }
+      if (!res_pos.empty())
+        ls.reservoir.index_copy_(0, res_slot_idx, kernels::topk_abs_bitset(flat.index_select(0, res_pos_idx), k));
+    };
+
+    model::ForwardInput in;
+    in.input_ids = batch.input_ids.to(dev);  // [B, T]
+    const bool padded = batch.num_tokens != B * T;
+    if (padded) in.attention_mask = batch.attention_mask.to(dev);  // [B, T]; none: SDPA's causal fast path
+    model::ForwardOptions opt;
+    opt.hook = &hook;
+    if (!settings.gradient_overlap) {
+      at::NoGradGuard no_grad;
+      opt.logits = false;
+      decoder.forward(in, opt);
+    } else {
+      opt.logits = true;
+      model::ForwardOutput out = decoder.forward(in, opt);
+      if (batch.num_label_tokens > 0) {
+        // Sum (not mean) over this batch's loss tokens; divided by all loss tokens at the end, so the
+        // accumulated gradient is that of the mean loss over the whole domain.
+        at::Tensor loss = model::causal_lm_loss(out.logits, batch.labels.to(dev)) *
+                          static_cast<double>(batch.num_label_tokens);
+        out = {};  // the logits are saved by the graph; drop our reference
+        loss.backward();
+        loss_sum += loss.detach().to(at::kDouble);
+        st.loss_tokens += batch.num_label_tokens;
+        for (int64_t l = 0; l < L; ++l) {
+          at::Tensor& w = decoder.layers()[l].down_proj.weight;
+          if (w.grad().defined()) st.layers[l].grad.add_(w.grad().to(at::kFloat));
+          w.mutable_grad().reset();
+        }
+      }
+    }
+    st.num_tokens += batch.num_tokens;
+    bar.update(B, batch.num_tokens);
+  }
+  bar.finish();
+  st.seconds = bar.seconds();
+  if (settings.gradient_overlap && st.loss_tokens > 0) {
+    for (auto& ls : st.layers) ls.grad.div_(static_cast<double>(st.loss_tokens));
+    st.loss = loss_sum.item<double>() / static_cast<double>(st.loss_tokens);
+  }
+  if (settings.gradient_overlap && st.loss_tokens == 0)
+    log::warn("probe ", name, ": no loss tokens (every response truncated away?): gradient statistics are zero");
+  return st;
+}
+
+}  // namespace sparsecl::probe
