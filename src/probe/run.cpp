@@ -11,6 +11,7 @@
 
 #include "sparsecl/common/error.h"
 #include "sparsecl/common/log.h"
+#include "sparsecl/config/options.h"
 #include "sparsecl/io/safetensors.h"
 #include "sparsecl/model/decoder.h"
 #include "sparsecl/probe/probe.h"
@@ -22,17 +23,6 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
-
-std::string fnv1a_hex(const std::string& text) {
-  uint64_t h = 0xcbf29ce484222325ull;
-  for (unsigned char c : text) {
-    h ^= c;
-    h *= 0x100000001b3ull;
-  }
-  char buf[17];
-  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
-  return buf;
-}
 
 // A tokenizer if the model directory ships one; nullptr otherwise ({"ids"} records need none).
 std::unique_ptr<text::Tokenizer> maybe_tokenizer(const fs::path& dir) {
@@ -208,7 +198,7 @@ json run_probe(const std::vector<fs::path>& models, const std::vector<Domain>& d
   for (const auto& m : models) model_list.push_back(m.string());
   doc["provenance"] = {
       {"config", config},
-      {"config_hash", info.config_hash.empty() ? fnv1a_hex(config.dump()) : info.config_hash},
+      {"config_hash", info.config_hash.empty() ? config::fnv1a64_hex(config.dump()) : info.config_hash},
       {"model", models[0].string()},
       {"models", model_list},
       {"seed", settings.seed},
