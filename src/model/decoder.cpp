@@ -275,9 +275,12 @@ ForwardOutput Decoder::forward(const ForwardInput& in, const ForwardOptions& opt
   if (c.sliding_window && S > *c.sliding_window)
     throw Error("sequence length " + std::to_string(S) + " exceeds the model's sliding_window (" +
                 std::to_string(*c.sliding_window) + "), which sparsecl does not implement");
-  {
-    const int64_t max_id = ids.numel() ? ids.max().item<int64_t>() : 0;
-    const int64_t min_id = ids.numel() ? ids.min().item<int64_t>() : 0;
+  // Ids coming from the host are range-checked there (a clear error instead of an out-of-bounds
+  // gather); ids already on an accelerator (generation feeding back its own argmax) are in range by
+  // construction, and checking them would cost a device sync per decoding step.
+  if (in.input_ids.device().is_cpu() && ids.numel()) {
+    const int64_t max_id = in.input_ids.max().item<int64_t>();
+    const int64_t min_id = in.input_ids.min().item<int64_t>();
     if (min_id < 0 || max_id >= c.vocab_size)
       throw Error("input id out of range [0, " + std::to_string(c.vocab_size) + "): min " + std::to_string(min_id) +
                   ", max " + std::to_string(max_id));

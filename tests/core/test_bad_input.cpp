@@ -125,6 +125,18 @@ TEST(BadCheckpoint, CliExitsNonZeroWithTheMessage) {
   EXPECT_NE(text.find("truncated"), std::string::npos) << text;
 }
 
+TEST(BadInput, OutOfVocabularyIdIsAnError) {
+  auto decoder = model::Decoder::load(kModels / "mistral", at::kFloat, at::kCPU);
+  model::ForwardInput in;
+  in.input_ids = at::tensor({1, 2, 512}, at::kLong).view({1, 3});  // vocab_size is 512
+  try {
+    decoder.forward(in);
+    FAIL() << "id 512 should be rejected";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("out of range [0, 512)"), std::string::npos) << e.what();
+  }
+}
+
 TEST(Safetensors, RoundTripKeepsDtypeShapeValuesAndMetadata) {
   const fs::path file = fs::temp_directory_path() / "sparsecl_roundtrip.safetensors";
   at::Tensor a = at::randn({3, 5}).to(at::kBFloat16);
