@@ -6,6 +6,8 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iomanip>
+#include <sstream>
 
 #include "sparsecl/io/safetensors.h"
 #include "sparsecl/model/decoder.h"
@@ -31,6 +33,12 @@ double max_abs_diff(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
     d = d * mask.to(at::kDouble).view(shape);
   }
   return d.max().item<double>();
+}
+
+std::string scientific(double v) {
+  std::ostringstream s;
+  s << std::scientific << std::setprecision(2) << v;
+  return s.str();
 }
 
 struct Case {
@@ -90,7 +98,7 @@ TEST_P(ModelParity, LogitsHiddenStatesMlpActAndLoss) {
   const double loss = model::causal_lm_loss(out.logits, ref.at("labels")).item<double>();
   const double ref_loss = ref.at("loss").item<double>();
   EXPECT_LT(std::abs(loss - ref_loss) / std::abs(ref_loss), 1e-5) << loss << " vs " << ref_loss;
-  RecordProperty("max_logit_err", std::to_string(logit_err));
+  RecordProperty("max_logit_err", scientific(logit_err));
 }
 
 TEST_P(ModelParity, GreedyGenerationIdentical) {
@@ -126,13 +134,17 @@ TEST_P(ModelParity, FullModelGradients) {
   auto out = decoder.forward(input(), opt);
   model::causal_lm_loss(out.logits, ref.at("labels")).backward();
   int compared = 0;
+  double worst = 0;
   for (auto& [name, p] : decoder.named_parameters()) {
     auto it = ref.find("grad." + name);
     if (it == ref.end()) continue;
     ASSERT_TRUE(p->grad().defined()) << name;
-    EXPECT_LT(max_abs_diff(p->grad(), it->second), 1e-4) << name;
+    const double err = max_abs_diff(p->grad(), it->second);
+    EXPECT_LT(err, 1e-4) << name;
+    worst = std::max(worst, err);
     ++compared;
   }
+  RecordProperty("max_grad_err", scientific(worst));
   int expected = 0;
   for (auto& [k, v] : ref) expected += k.rfind("grad.", 0) == 0;
   EXPECT_EQ(compared, expected) << "every reference gradient has a parameter of the same name";
@@ -153,13 +165,17 @@ TEST_P(ModelParity, LoraAdapterLogitsLossAndGradients) {
   EXPECT_LT(std::abs(loss.item<double>() - ref_loss) / std::abs(ref_loss), 1e-5);
   loss.backward();
   int compared = 0;
+  double worst = 0;
   for (auto& [key, t] : model::lora_parameters(decoder)) {
     auto it = lref.find("grad." + key);
     ASSERT_NE(it, lref.end()) << "no reference gradient for " << key;
     ASSERT_TRUE(t->grad().defined()) << key;
-    EXPECT_LT(max_abs_diff(t->grad(), it->second), 1e-4) << key;
+    const double err = max_abs_diff(t->grad(), it->second);
+    EXPECT_LT(err, 1e-4) << key;
+    worst = std::max(worst, err);
     ++compared;
   }
+  RecordProperty("max_lora_grad_err", scientific(worst));
   int expected = 0;
   for (auto& [k, v] : lref) expected += k.rfind("grad.", 0) == 0;
   EXPECT_EQ(compared, expected);
