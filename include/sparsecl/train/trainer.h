@@ -1,0 +1,144 @@
+// The one trainer behind every fine-tuning method (DESIGN.md "Fine-tuning methods", docs/train.md).
+//
+// A method decides WHAT is trainable and may reshape gradients / parameters around the optimizer step;
+// the trainer owns everything else: the seeded data order, micro-batching with gradient accumulation,
+// the loss (response tokens only, as data::make_batch labels them), AdamW (decoupled weight decay, our
+// own implementation so that its state is plain tensors in a safetensors checkpoint), warmup + cosine
+// learning rate, global-norm clipping, bf16 autocast on CUDA, the JSON Lines step log, the progress bar,
+// atomic resumable checkpoints and the stage manifest.
+//
+// Step order (one optimizer step = grad_accum micro-batches):
+//   for each micro-batch m:  loss_m = causal_lm_loss(forward(m)) [+ method.extra_loss() once per step]
+//                            backward(loss_m * label_tokens_m / label_tokens_step)   (token-weighted mean)
+//   method.before_optimizer_step()   gradient masking / projection
+//   clip the global gradient norm (train.clip)
+//   AdamW update with lr(step)
+//   method.after_optimizer_step()    re-projection of the parameters
+//
+// Determinism: on the CPU, one seed gives the same loss curve bit for bit, including across a
+// checkpoint + resume (the checkpoint holds the trainable tensors, the AdamW moments, the step, the
+// data cursor and the CPU/CUDA generator states).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "sparsecl/data/dataset.h"
+#include "sparsecl/model/decoder.h"
+
+namespace sparsecl::config {
+class Config;
+}
+
+namespace sparsecl::train {
+
+// A trainable tensor: its stable name (the key it has in checkpoints) and the fp32 leaf itself
+// (requires_grad; the trainer reads .grad() and updates it in place under NoGradGuard).
+using NamedTensors = std::vector<std::pair<std::string, at::Tensor*>>;
+
+// The plug-in interface of a fine-tuning method. Only setup() is required.
+class Method {
+ public:
+  virtual ~Method() = default;
+  virtual std::string name() const = 0;
+
+  // Makes the decoder trainable the method's way (attaches adapters, marks weights) and returns the
+  // trainable fp32 leaves, in a fixed order. Called once, after at::manual_seed(train.seed), before
+  // any checkpoint is restored (a restore then overwrites the values by name).
+  virtual NamedTensors setup(model::Decoder& decoder) = 0;
+
+  // After the gradients of a whole step are accumulated, before clipping and the AdamW update:
+  // gradient masking (mask, MIGU) or projection (orth `project`). `step` is 0-based.
+  virtual void before_optimizer_step(model::Decoder& /*decoder*/, int64_t /*step*/) {}
+  // After the AdamW update: re-projection of the parameters (orth `project`).
+  virtual void after_optimizer_step(model::Decoder& /*decoder*/, int64_t /*step*/) {}
+  // A differentiable scalar added to the loss of the first micro-batch of every step (e.g. the O-LoRA
+  // penalty lambda * sum_i |A_i A_t^T|); undefined tensor = none. It is not part of the logged loss.
+  virtual at::Tensor extra_loss(model::Decoder& /*decoder*/, int64_t /*step*/) { return {}; }
+  // An activation hook installed in every training forward (MIGU's activation norms); nullptr = none.
+  virtual const model::ActivationHook* activation_hook() { return nullptr; }
+
+  // Method state beyond the trainable tensors (masks, bases, ...) in a checkpoint directory. The
+  // trainer saves and restores the trainable tensors and the optimizer itself.
+  virtual void save_state(const std::filesystem::path& /*dir*/) const {}
+  virtual void load_state(const std::filesystem::path& /*dir*/) {}
+
+  // The stage's final product, written at the top level of the output directory (the PEFT adapter for
+  // lora, a loadable HF checkpoint for full). Must write atomically (files via temporaries).
+  virtual void save_output(model::Decoder& decoder, const std::filesystem::path& dir) const = 0;
+
+  // Which peak learning rate the method uses: train.lr (adapters) or train.lr_dense (base weights).
+  virtual bool dense() const { return false; }
+};
+
+struct TrainOptions {
+  int64_t steps = 100;          // optimizer steps of the stage (the schedule's length)
+  int64_t batch_size = 4;       // sequences per micro-batch
+  int64_t grad_accum = 1;       // micro-batches per optimizer step
+  double lr = 2e-4;             // peak learning rate
+  int64_t warmup_steps = 0;     // linear warmup from 0 (HF get_cosine_schedule_with_warmup), then cosine to 0
+  double weight_decay = 0.0;    // AdamW decoupled weight decay
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  double clip = 1.0;            // global gradient-norm clip; 0 = off
+  int64_t checkpoint_every = 0; // resumable checkpoint every N steps (0: only the final one)
+  int64_t log_every = 1;        // steps between step-log lines (the last step is always logged)
+  uint64_t seed = 0;            // data order, adapter init, dropout
+  bool resume = false;          // continue from the newest checkpoint in output/checkpoints
+  int64_t stop_after = 0;       // > 0: stop (after checkpointing) once this many steps are done, as if
+                                // the job had been cut off; for tests and time-limited jobs
+  bool progress = true;         // progress bar on stderr
+  int64_t pad_id = 0;           // padding id of the batches (masked anyway)
+
+  // From the resolved config: train.* keys (steps / epochs over `num_examples`, warmup ratio or steps,
+  // lr or lr_dense per `dense`). Options we do not implement (packing, activation checkpointing,
+  // train.dtype other than float32) are a sparsecl::Error naming the key.
+  static TrainOptions from_config(const config::Config& cfg, bool dense, int64_t num_examples);
+  nlohmann::json to_json() const;
+};
+
+// Provenance written into manifest.json and checked on resume.
+struct RunInfo {
+  nlohmann::json config;     // the resolved config
+  std::string config_hash;   // its hash (a resume with a different hash is refused)
+  std::string base_model;    // the model directory trained from
+};
+
+struct TrainResult {
+  int64_t steps_done = 0;       // optimizer steps completed (all runs of a resumed stage)
+  double last_loss = 0.0;       // the loss of the last step
+  int64_t tokens = 0;           // real tokens processed in this invocation
+  double seconds = 0.0;         // wall time of this invocation's steps
+  double tokens_per_s = 0.0;
+  bool finished = false;        // false when stop_after cut it short
+};
+
+// Trains `decoder` with `method` on `examples` (already tokenized and truncated by data::load_jsonl,
+// in any order: the trainer shuffles per epoch with the seed) and writes into `output_dir`:
+//   train_log.jsonl       {"step","loss","lr","tokens","tokens_per_s","grad_norm"} per logged step
+//   checkpoints/step-N/   trainable.safetensors, optimizer.safetensors, rng.safetensors, state.json,
+//                         + the method's state (written to a temporary dir, then renamed; older
+//                         checkpoints are removed after the rename)
+//   manifest.json         config (resolved + hash), base model, seed, method, versions, result
+//   + the method's output (save_output) when the stage finishes.
+TrainResult train(model::Decoder& decoder, Method& method, const std::vector<data::Example>& examples,
+                  const TrainOptions& options, const std::filesystem::path& output_dir, const RunInfo& info);
+
+// The learning rate of (0-based) step `step`: HF's cosine schedule with linear warmup.
+double learning_rate(const TrainOptions& options, int64_t step);
+
+// Token-weighted mean next-token loss over every label token of `examples` (no autograd, fp32 loss),
+// in batches of `batch_size`, in the given order. The eval code reuses it.
+double heldout_loss(const model::Decoder& decoder, const std::vector<data::Example>& examples, int64_t batch_size,
+                    int64_t pad_id);
+
+// The order of sample slot `index` within epoch `epoch`: seeded_permutation(n, seed ^ mix(epoch)).
+std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch);
+
+}  // namespace sparsecl::train
