@@ -25,4 +25,15 @@ nlohmann::json read_json_file(const std::filesystem::path& file, const std::stri
   }
 }
 
+void write_file_atomic(const std::filesystem::path& path, const std::string& text) {
+  const std::filesystem::path tmp = path.string() + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) throw Error(tmp.string() + ": cannot write");
+    out << text;
+    if (!out.flush()) throw Error(tmp.string() + ": write failed");
+  }
+  std::filesystem::rename(tmp, path);
+}
+
 }  // namespace sparsecl

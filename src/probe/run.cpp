@@ -10,8 +10,10 @@
 #include <set>
 
 #include "sparsecl/common/error.h"
+#include "sparsecl/common/files.h"
 #include "sparsecl/common/log.h"
 #include "sparsecl/config/options.h"
+#include "sparsecl/io/provenance.h"
 #include "sparsecl/io/safetensors.h"
 #include "sparsecl/model/decoder.h"
 #include "sparsecl/probe/probe.h"
@@ -29,27 +31,6 @@ std::unique_ptr<text::Tokenizer> maybe_tokenizer(const fs::path& dir) {
   for (const char* f : {"tokenizer.json", "tokenizer.model", "vocab.json"})
     if (fs::exists(dir / f)) return text::Tokenizer::load(dir);
   return nullptr;
-}
-
-json cuda_version() {
-  try {
-    if (!at::hasCUDA()) return nullptr;
-    const long v = at::detail::getCUDAHooks().versionCUDART();
-    return std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10);
-  } catch (...) {
-    return nullptr;
-  }
-}
-
-void write_text_atomic(const fs::path& path, const std::string& text) {
-  const fs::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw Error(tmp.string() + ": cannot write");
-    out << text;
-    if (!out.flush()) throw Error(tmp.string() + ": write failed");
-  }
-  fs::rename(tmp, path);
 }
 
 }  // namespace
@@ -202,9 +183,9 @@ json run_probe(const std::vector<fs::path>& models, const std::vector<Domain>& d
       {"model", models[0].string()},
       {"models", model_list},
       {"seed", settings.seed},
-      {"versions", {{"sparsecl", SPARSECL_VERSION}, {"libtorch", TORCH_VERSION}, {"cuda", cuda_version()}}}};
+      {"versions", io::software_versions()}};
 
-  write_text_atomic(output_dir / "probe.json", doc.dump(1) + "\n");
+  write_file_atomic(output_dir / "probe.json", doc.dump(1) + "\n");
   io::save_safetensors(output_dir / "probe_stats.safetensors", raw,
                        {{"producer", "sparsecl " SPARSECL_VERSION},
                         {"config_hash", doc["provenance"]["config_hash"].get<std::string>()},

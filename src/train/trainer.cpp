@@ -19,6 +19,7 @@
 #include "sparsecl/common/log.h"
 #include "sparsecl/common/progress.h"
 #include "sparsecl/config/options.h"
+#include "sparsecl/io/provenance.h"
 #include "sparsecl/io/safetensors.h"
 
 namespace sparsecl::train {
@@ -29,27 +30,6 @@ using json = nlohmann::json;
 namespace {
 
 constexpr double kPi = 3.14159265358979323846;
-
-void write_text_atomic(const fs::path& path, const std::string& text) {
-  const fs::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw Error(tmp.string() + ": cannot write");
-    out << text;
-    if (!out.flush()) throw Error(tmp.string() + ": write failed");
-  }
-  fs::rename(tmp, path);
-}
-
-json cuda_version() {
-  try {
-    if (!at::hasCUDA()) return nullptr;
-    const long v = at::detail::getCUDAHooks().versionCUDART();
-    return std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10);
-  } catch (...) {
-    return nullptr;
-  }
-}
 
 // bf16 autocast for the forward + loss on CUDA (fp32 masters, bf16 matmuls); a no-op on the CPU.
 class AutocastGuard {
@@ -127,8 +107,6 @@ fs::path newest_checkpoint(const fs::path& out) {
   }
   return best;
 }
-
-json versions() { return {{"sparsecl", SPARSECL_VERSION}, {"libtorch", TORCH_VERSION}, {"cuda", cuda_version()}}; }
 
 }  // namespace
 
@@ -247,8 +225,8 @@ void save_checkpoint(const fs::path& out, const RunState& st, const NamedTensors
                       {"method", method.name()},
                       {"config_hash", info.config_hash},
                       {"options", o.to_json()},
-                      {"versions", versions()}};
-  write_text_atomic(tmp / "state.json", state.dump(2) + "\n");
+                      {"versions", io::software_versions()}};
+  write_file_atomic(tmp / "state.json", state.dump(2) + "\n");
   remove_tree(final_dir);
   fs::rename(tmp, final_dir);
   // Older checkpoints are superseded once the new one is in place.
@@ -319,7 +297,7 @@ void truncate_log(const fs::path& log_path, int64_t step) {
     if (j.is_discarded() || !j.contains("step")) throw Error(log_path.string() + ": malformed step-log line '" + line + "'");
     if (j["step"].get<int64_t>() <= step) kept += line + "\n";
   }
-  write_text_atomic(log_path, kept);
+  write_file_atomic(log_path, kept);
 }
 
 void write_manifest(const fs::path& out, const Method& method, const RunInfo& info, const TrainOptions& o,
@@ -331,9 +309,9 @@ void write_manifest(const fs::path& out, const Method& method, const RunInfo& in
             {"config", info.config},
             {"config_hash", info.config_hash},
             {"train", o.to_json()},
-            {"versions", versions()}};
+            {"versions", io::software_versions()}};
   if (!result.is_null()) m["result"] = result;
-  write_text_atomic(out / "manifest.json", m.dump(2) + "\n");
+  write_file_atomic(out / "manifest.json", m.dump(2) + "\n");
 }
 
 }  // namespace

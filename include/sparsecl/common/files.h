@@ -1,4 +1,4 @@
-// Reading whole files with errors that name the file: the one place every loader (config.json,
+// Reading and atomically writing whole files, with errors that name the file: the one place every loader (config.json,
 // tokenizer files, adapter configs, checkpoint indexes, chat templates) goes through.
 #pragma once
 
@@ -13,5 +13,9 @@ std::string read_file(const std::filesystem::path& file, const std::string& what
 
 // The file parsed as JSON; throws sparsecl::Error naming the file for I/O and syntax errors.
 nlohmann::json read_json_file(const std::filesystem::path& file, const std::string& what = "file");
+
+// Writes `text` to `path` atomically: a temporary file beside it, then rename (a reader or a resumed run
+// sees the old file or the new one, never half of one).
+void write_file_atomic(const std::filesystem::path& path, const std::string& text);
 
 }  // namespace sparsecl
