@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
   sparsecl::cli::add_tokenize(app);
   sparsecl::cli::add_probe(app);
   sparsecl::cli::add_finetune(app);
+  sparsecl::cli::add_eval(app);
   sparsecl::cli::add_config(app);
   sparsecl::cli::add_bench(app);
 

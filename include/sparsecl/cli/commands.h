@@ -12,6 +12,7 @@ void add_generate(CLI::App& root);
 void add_tokenize(CLI::App& root);
 void add_probe(CLI::App& root);
 void add_finetune(CLI::App& root);
+void add_eval(CLI::App& root);
 void add_bench(CLI::App& root);
 void add_config(CLI::App& root);
 
