@@ -55,12 +55,6 @@ fs::path write_ids_file(const fs::path& dir, int64_t vocab) {
   return f;
 }
 
-bool binary_has_eval() {
-  std::string cmd = SPARSECL_BINARY;  // (+= rather than a + chain: GCC 12's -Wstringop-overflow false positive)
-  cmd += " eval --help 2>/dev/null | grep -q 'eval.json'";  // without `eval`, --help is the root's (rc 0)
-  return std::system(cmd.c_str()) == 0;
-}
-
 int run_cli(const std::string& args, const fs::path& log) {
   const std::string cmd = "cd '" + kRepo.string() + "' && OMP_NUM_THREADS=1 " + std::string(SPARSECL_BINARY) +
                           " eval --no-progress " + args + " > '" + log.string() + "' 2>&1";
@@ -169,7 +163,6 @@ TEST(EvalCli, LibraryOnFixtureWithAdapter) {
 }
 
 TEST(EvalCli, CliOnFixtureWithAdapter) {
-  if (!binary_has_eval()) GTEST_SKIP() << "the sparsecl binary has no `eval` subcommand (add_eval not wired)";
   TempDir tmp;
   const fs::path ids = write_ids_file(tmp.path, 512);
   const std::string common = "--model '" + kLlama.string() + "' --adapter '" + (kLlama / "lora_adapter").string() +
@@ -197,43 +190,17 @@ TEST(EvalCli, CliOnFixtureWithAdapter) {
 
 TEST(EvalCli, SmolLM2EndToEnd) {
   if (!fs::exists(kSmol / "model.safetensors")) GTEST_SKIP() << "models/smollm2-135m-instruct not present";
-  if (binary_has_eval()) {
-    TempDir tmp;
-    const int rc = run_cli("--model '" + kSmol.string() + "' --output '" + tmp.path.string() +
-                               "' --max-samples 2 --heldout-samples 2 --batch-size 4 eval.max_new_tokens=48 seeds=[5]",
-                           tmp.path / "log");
-    ASSERT_EQ(rc, 0) << slurp(tmp.path / "log");
-    const json r = json::parse(slurp(tmp.path / "eval.json"));
-    expect_smol_result(r, false);
-    const json& p = r["provenance"];
-    EXPECT_EQ(p["seed"], 5);
-    EXPECT_EQ(p["adapter"], nullptr);
-    EXPECT_EQ(p["config"]["eval"]["max_samples"], 2);
-    EXPECT_EQ(p["config_hash"].get<std::string>().size(), 16u);
-    EXPECT_TRUE(p["versions"].is_object());
-  } else {
-    std::printf("  (the binary has no `eval` yet: testing evaluate_domains directly)\n");
-    const int threads = at::get_num_threads();
-    at::set_num_threads(1);
-    auto d = model::Decoder::load(kSmol, at::kFloat, at::kCPU);
-    auto tok = text::Tokenizer::load(kSmol);
-    config::Config cfg(config::schema());
-    cfg.set("eval.max_samples", int64_t{2});
-    cfg.set("eval.heldout_samples", int64_t{2});
-    cfg.set("eval.batch_size", int64_t{4});
-    cfg.set("eval.max_new_tokens", int64_t{48});
-    const fs::path cwd = fs::current_path();
-    fs::current_path(kRepo);  // the config's data paths are relative to the repository root
-    json r;
-    try {
-      r = eval::evaluate_domains(d, tok.get(), cfg);
-    } catch (...) {
-      fs::current_path(cwd);
-      at::set_num_threads(threads);
-      throw;
-    }
-    fs::current_path(cwd);
-    at::set_num_threads(threads);
-    expect_smol_result(r, false);
-  }
+  TempDir tmp;
+  const int rc = run_cli("--model '" + kSmol.string() + "' --output '" + tmp.path.string() +
+                             "' --max-samples 2 --heldout-samples 2 --batch-size 4 eval.max_new_tokens=48 seeds=[5]",
+                         tmp.path / "log");
+  ASSERT_EQ(rc, 0) << slurp(tmp.path / "log");
+  const json r = json::parse(slurp(tmp.path / "eval.json"));
+  expect_smol_result(r, false);
+  const json& p = r["provenance"];
+  EXPECT_EQ(p["seed"], 5);
+  EXPECT_EQ(p["adapter"], nullptr);
+  EXPECT_EQ(p["config"]["eval"]["max_samples"], 2);
+  EXPECT_EQ(p["config_hash"].get<std::string>().size(), 16u);
+  EXPECT_TRUE(p["versions"].is_object());
 }
