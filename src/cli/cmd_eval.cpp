@@ -38,12 +38,6 @@ struct EvalArgs {
   bool given(const char* flag) const { return cmd->count(flag) > 0; }
 };
 
-std::unique_ptr<text::Tokenizer> maybe_tokenizer(const fs::path& dir) {
-  for (const char* f : {"tokenizer.json", "tokenizer.model", "vocab.json"})
-    if (fs::exists(dir / f)) return text::Tokenizer::load(dir);
-  return nullptr;
-}
-
 std::vector<std::string> split_list(const std::string& s) {
   std::vector<std::string> out;
   std::stringstream in(s);
@@ -105,8 +99,8 @@ void run_eval(const EvalArgs& a) {
     model::attach_lora(decoder, model::LoraAdapter::load(a.adapter));
     if (a.merge) model::merge_lora(decoder);
   }
-  auto tokenizer = maybe_tokenizer(model_dir);
-  if (!tokenizer && !a.adapter.empty()) tokenizer = maybe_tokenizer(a.adapter);
+  auto tokenizer = text::Tokenizer::load_if_present(model_dir);
+  if (!tokenizer && !a.adapter.empty()) tokenizer = text::Tokenizer::load_if_present(a.adapter);
   if (!tokenizer) log::warn("eval: no tokenizer in ", model_dir.string(), "; only {\"ids\"} held-out files can be scored");
 
   json result = eval::evaluate_domains(decoder, tokenizer.get(), cfg, settings);

@@ -39,12 +39,6 @@ struct FinetuneArgs {
   bool given(const char* flag) const { return cmd->count(flag) > 0; }
 };
 
-std::unique_ptr<text::Tokenizer> maybe_tokenizer(const fs::path& dir) {
-  for (const char* f : {"tokenizer.json", "tokenizer.model", "vocab.json"})
-    if (fs::exists(dir / f)) return text::Tokenizer::load(dir);
-  return nullptr;
-}
-
 void run_finetune(const FinetuneArgs& a) {
   const bool dense = a.method == "full";
   config::Config cfg = a.config_file.empty() ? config::Config(config::schema()) : config::load(a.config_file, {});
@@ -89,7 +83,7 @@ void run_finetune(const FinetuneArgs& a) {
   const std::string device_name = a.given("--device") ? a.device : cfg.get<std::string>("device");
   auto decoder = model::Decoder::load(model_dir, model::parse_dtype(cfg.get<std::string>("dtype")),
                                       model::parse_device(device_name));
-  auto tokenizer = maybe_tokenizer(model_dir);
+  auto tokenizer = text::Tokenizer::load_if_present(model_dir);
   const int64_t pad_id = data::pad_id_for(tokenizer.get());
   data::LoadOptions lo;
   lo.max_length = cfg.get<int64_t>("train.max_length");

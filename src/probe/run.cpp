@@ -26,13 +26,6 @@ using json = nlohmann::json;
 
 namespace {
 
-// A tokenizer if the model directory ships one; nullptr otherwise ({"ids"} records need none).
-std::unique_ptr<text::Tokenizer> maybe_tokenizer(const fs::path& dir) {
-  for (const char* f : {"tokenizer.json", "tokenizer.model", "vocab.json"})
-    if (fs::exists(dir / f)) return text::Tokenizer::load(dir);
-  return nullptr;
-}
-
 }  // namespace
 
 json Settings::to_json() const {
@@ -83,7 +76,7 @@ json run_probe(const std::vector<fs::path>& models, const std::vector<Domain>& d
     log::info("probe: model ", mi, " ", dir.string(), " (", settings.dtype, " on ", settings.device, ")");
     // Tokenize every domain before loading the weights: a bad record fails in seconds, not after
     // the first domains have been probed.
-    const auto tokenizer = maybe_tokenizer(dir);
+    const auto tokenizer = text::Tokenizer::load_if_present(dir);
     if (tokenizer && !tokenizer->chat_template())
       log::warn(dir.string(), ": tokenizer has no chat template; prompt/response records become plain text");
     std::vector<std::vector<data::Example>> all_examples;

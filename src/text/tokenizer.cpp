@@ -109,6 +109,12 @@ std::unique_ptr<Tokenizer> load_any(const fs::path& path, fs::path& dir) {
 
 }  // namespace
 
+std::unique_ptr<Tokenizer> Tokenizer::load_if_present(const fs::path& dir) {
+  for (const char* f : {"tokenizer.json", "tokenizer.model", "vocab.json"})
+    if (fs::exists(dir / f)) return load(dir);
+  return nullptr;
+}
+
 std::unique_ptr<Tokenizer> Tokenizer::load(const fs::path& path) {
   fs::path dir;
   std::unique_ptr<Tokenizer> tok = load_any(path, dir);

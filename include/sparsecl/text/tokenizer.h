@@ -26,6 +26,9 @@ class Tokenizer {
   // that order; a tokenizer.json whose components are unsupported falls back to a tokenizer.model beside
   // it), or the path of one of those files. Throws sparsecl::Error naming the file on any problem.
   static std::unique_ptr<Tokenizer> load(const std::filesystem::path& path);
+  // load(dir) when `dir` holds tokenizer files (tokenizer.json, tokenizer.model or vocab.json), else
+  // nullptr: model directories of pre-tokenized work ({"ids"} records) need none.
+  static std::unique_ptr<Tokenizer> load_if_present(const std::filesystem::path& dir);
 
   // Token ids of `text`. With add_special_tokens the tokenizer's own specials are added (e.g. BOS for
   // Llama-3 / Llama-2); special-token text inside `text` (e.g. "<|im_start|>") is always recognised.
