@@ -327,6 +327,7 @@ ForwardOutput Decoder::forward(const ForwardInput& in, const ForwardOptions& opt
     const DecoderLayer& L = layers_[l];
     at::Tensor residual = x;
     at::Tensor h = rms_norm(x, L.input_layernorm.weight, c.rms_norm_eps);
+    if (opt.hook && *opt.hook) (*opt.hook)(HookPoint::AttnInput, l, h);
     at::Tensor q = linear(h, L.q_proj, opt.training).view({B, T, nh, D});
     at::Tensor k = linear(h, L.k_proj, opt.training).view({B, T, nkv, D});
     at::Tensor v = linear(h, L.v_proj, opt.training).view({B, T, nkv, D}).transpose(1, 2);
@@ -346,10 +347,12 @@ ForwardOutput Decoder::forward(const ForwardInput& in, const ForwardOptions& opt
     }
     at::Tensor attn = at::scaled_dot_product_attention(q, k, v, mask, 0.0, is_causal, scale, /*enable_gqa=*/nkv != nh);
     attn = attn.transpose(1, 2).reshape({B, T, nh * D});
+    if (opt.hook && *opt.hook) (*opt.hook)(HookPoint::AttnOutput, l, attn);
     x = residual + linear(attn, L.o_proj, opt.training);
 
     residual = x;
     h = rms_norm(x, L.post_attention_layernorm.weight, c.rms_norm_eps);
+    if (opt.hook && *opt.hook) (*opt.hook)(HookPoint::MlpInput, l, h);
     at::Tensor act = activation(linear(h, L.gate_proj, opt.training), c.hidden_act) * linear(h, L.up_proj, opt.training);
     if (opt.hook && *opt.hook) (*opt.hook)(HookPoint::MlpIntermediate, l, act);
     if (opt.mlp_act) out.mlp_act.push_back(act);
@@ -363,6 +366,14 @@ ForwardOutput Decoder::forward(const ForwardInput& in, const ForwardOptions& opt
   if (opt.hidden_states) out.hidden_states.push_back(x);
   if (opt.logits) out.logits = at::linear(x, config_.tie_word_embeddings ? embed_tokens_ : lm_head_);
   return out;
+}
+
+HookPoint input_hook_point(const std::string& proj) {
+  if (proj == "q_proj" || proj == "k_proj" || proj == "v_proj") return HookPoint::AttnInput;
+  if (proj == "o_proj") return HookPoint::AttnOutput;
+  if (proj == "gate_proj" || proj == "up_proj") return HookPoint::MlpInput;
+  if (proj == "down_proj") return HookPoint::MlpIntermediate;
+  throw Error("no hook point for projection '" + proj + "' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj or down_proj)");
 }
 
 at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels) {

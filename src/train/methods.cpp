@@ -88,6 +88,8 @@ void LoraMethod::save_output(model::Decoder& decoder, const fs::path& dir) const
   log::info("wrote the LoRA adapter (PEFT layout) to ", dir.string());
 }
 
+void LoraMethod::merge_into_base(model::Decoder& decoder) { model::merge_lora(decoder); }
+
 // ---- full -------------------------------------------------------------------------------------------
 
 NamedTensors FullMethod::setup(model::Decoder& decoder) {

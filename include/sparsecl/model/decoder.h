@@ -50,7 +50,15 @@ struct DecoderLayer {
   Linear gate_proj, up_proj, down_proj;
 };
 
-enum class HookPoint { MlpIntermediate, Residual };
+// Where a hook sees the forward pass, per layer. Every linear projection's input is one of them:
+//   AttnInput       [B,T,H]     input_layernorm(x): the input of q_proj / k_proj / v_proj
+//   AttnOutput      [B,T,nh*D]  attention output before o_proj: the input of o_proj
+//   MlpInput        [B,T,H]     post_attention_layernorm(x): the input of gate_proj / up_proj
+//   MlpIntermediate [B,T,I]     act(gate_proj(x)) * up_proj(x): the input of down_proj (the probe's point)
+//   Residual        [B,T,H]     the residual stream after the layer
+enum class HookPoint { AttnInput, AttnOutput, MlpInput, MlpIntermediate, Residual };
+// The hook point whose tensor is the input of projection `proj` ("q_proj", ..., "down_proj").
+HookPoint input_hook_point(const std::string& proj);
 // Called during forward with (point, layer index, tensor). The tensor is the live activation: a hook
 // may read it, accumulate statistics from it, or register an autograd hook on it.
 using ActivationHook = std::function<void(HookPoint, int64_t layer, const at::Tensor&)>;

@@ -3,7 +3,10 @@
 // model::merge_lora (lora.h) folds a finished stage's adapter into the base before the next stage.
 #pragma once
 
+#include <filesystem>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "sparsecl/model/lora.h"
 #include "sparsecl/train/trainer.h"
@@ -25,6 +28,7 @@ class LoraMethod : public Method {
   std::string name() const override { return "lora"; }
   NamedTensors setup(model::Decoder& decoder) override;
   void save_output(model::Decoder& decoder, const std::filesystem::path& dir) const override;
+  void merge_into_base(model::Decoder& decoder) override;
   // The adapter as trained so far (A, B as fp32 CPU copies).
   model::LoraAdapter adapter(model::Decoder& decoder) const;
   const model::LoraConfig& config() const { return config_; }
@@ -46,6 +50,25 @@ class FullMethod : public Method {
   void save_output(model::Decoder& decoder, const std::filesystem::path& dir) const override;
   bool dense() const override { return true; }
 };
+
+// What a method needs to know about the stage it trains, beyond the config.
+struct StageContext {
+  std::string stage;                                   // the domain of this stage ("math"); may be empty
+  const std::vector<data::Example>* examples = nullptr;  // the stage's training examples (mask probes them)
+  std::vector<std::filesystem::path> previous;         // output directories of the earlier stages of this
+                                                       // sequence, oldest first (their masks, bases)
+  int64_t pad_id = 0;
+  uint64_t seed = 0;                                   // train.seed of this run
+};
+
+// The one place method names become Method objects: "lora", "full", "mask", "migu", "orth", configured
+// from the resolved config (lora.*, mask.*, migu.*, orth.*). Unknown names are an Error listing them.
+std::unique_ptr<Method> make_method(const std::string& name, const config::Config& cfg, const StageContext& ctx);
+
+// Applies a finished stage's product (the output directory `dir` of method `name`) to a decoder that
+// holds the model before that stage and merges it into the base weights: the model after the stage.
+// Used to rebuild the model when a sequence is resumed and to evaluate a stage from its directory.
+void apply_stage_output(model::Decoder& decoder, const std::string& name, const std::filesystem::path& dir);
 
 // lora.* keys -> LoraConfig (r, alpha, dropout, rslora, target_modules).
 model::LoraConfig lora_config_from(const config::Config& cfg);

@@ -76,6 +76,17 @@ class Method {
 
   // Which peak learning rate the method uses: train.lr (adapters) or train.lr_dense (base weights).
   virtual bool dense() const { return false; }
+
+  // ---- sequential stages (the `run` driver and the finetune-* commands call these after train()) ----
+  // After the stage's training finished and its output was written: record what later stages must
+  // respect (orth: extend the basis of earlier tasks' subspace with this task's; mask: the neurons
+  // used) into `stage_dir`, from the stage's own training examples. Default: nothing.
+  virtual void finish_stage(model::Decoder& /*decoder*/, const std::vector<data::Example>& /*examples*/,
+                            const std::filesystem::path& /*stage_dir*/) {}
+  // Folds the stage's trained state into the decoder's base weights and removes any extra structure
+  // (lora / orth: merge the adapter; mask: add the deltas into their rows / columns), so that the
+  // decoder is plainly "the model after this stage". full / migu train the weights in place: nothing.
+  virtual void merge_into_base(model::Decoder& /*decoder*/) {}
 };
 
 struct TrainOptions {
