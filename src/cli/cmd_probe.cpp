@@ -75,19 +75,8 @@ void run_probe_cmd(const ProbeArgs& a) {
     throw Error("probe: --output DIR is required (or -c CONFIG / output=DIR)");
   for (const auto& d : domains) domain_json.push_back({{"name", d.name}, {"file", d.file.string()}});
 
-  probe::Settings s;
-  s.top_ratio = cfg.get<double>("probe.top_ratio");
-  s.score = probe::parse_score(cfg.get<std::string>("probe.score"));
-  s.max_samples = cfg.get<int64_t>("probe.max_samples");
-  s.batch_size = cfg.get<int64_t>("probe.batch_size");
-  s.max_length = cfg.get<int64_t>("probe.max_length");
-  s.permutations = cfg.get<int64_t>("probe.permutations");
-  s.token_pairs = cfg.get<int64_t>("probe.token_pairs");
-  s.gradient_overlap = cfg.get<bool>("probe.gradients");
-  const auto seeds = cfg.get<config::IntList>("seeds");
-  s.seed = seeds.empty() ? 0 : static_cast<uint64_t>(seeds[0]);
-  s.device = a.given("--device") ? a.device : cfg.get<std::string>("device");
-  s.dtype = cfg.get<std::string>("dtype");
+  probe::Settings s = probe::Settings::from_config(cfg);
+  if (a.given("--device")) s.device = a.device;  // keeps an explicit cuda:N
   s.token_reservoir = a.token_reservoir;
   s.progress = !a.no_progress;
 

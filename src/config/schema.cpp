@@ -73,6 +73,8 @@ Options build() {
   i("probe.permutations", 100, "permutation-null resamples per (pair, layer); 0: analytic null only", at_least(0));
   i("probe.token_pairs", 2000, "sampled token pairs for token-level IoU; 0: off", at_least(0));
   b("probe.gradients", false, "also accumulate MLP gradients and report gradient overlap (adds a backward pass)");
+  b("probe.stage_probes", true, "`run`: probe each stage's training data before and after the stage (top-K shift)");
+  i("probe.stage_samples", 64, "`run`: records of a stage's data in its before / after probes", at_least(1));
 
   // ---- train: the trainer every method shares ----
   i("train.steps", 100, "optimizer steps per stage", at_least(1));

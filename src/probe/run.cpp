@@ -36,6 +36,23 @@ json Settings::to_json() const {
           {"dtype", dtype}};
 }
 
+Settings Settings::from_config(const config::Config& cfg) {
+  Settings s;
+  s.top_ratio = cfg.get<double>("probe.top_ratio");
+  s.score = parse_score(cfg.get<std::string>("probe.score"));
+  s.max_samples = cfg.get<int64_t>("probe.max_samples");
+  s.batch_size = cfg.get<int64_t>("probe.batch_size");
+  s.max_length = cfg.get<int64_t>("probe.max_length");
+  s.permutations = cfg.get<int64_t>("probe.permutations");
+  s.token_pairs = cfg.get<int64_t>("probe.token_pairs");
+  s.gradient_overlap = cfg.get<bool>("probe.gradients");
+  const auto seeds = cfg.get<config::IntList>("seeds");
+  s.seed = seeds.empty() ? 0 : static_cast<uint64_t>(seeds[0]);
+  s.device = cfg.get<std::string>("device");
+  s.dtype = cfg.get<std::string>("dtype");
+  return s;
+}
+
 void Settings::validate() const {
   if (!(top_ratio > 0 && top_ratio <= 1)) throw Error("probe.top_ratio must be in (0, 1], got " + std::to_string(top_ratio));
   if (batch_size < 1) throw Error("probe.batch_size must be >= 1");

@@ -31,6 +31,9 @@
 namespace sparsecl::model {
 class Decoder;
 }
+namespace sparsecl::config {
+class Config;
+}
 
 namespace sparsecl::probe {
 
@@ -55,6 +58,9 @@ struct Settings {
 
   nlohmann::json to_json() const;
   void validate() const;  // Error naming the setting ("probe.top_ratio" ...) on a bad value
+  // probe.{top_ratio, score, max_samples, batch_size, max_length, permutations, token_pairs, gradients},
+  // seed = seeds[0], device, dtype from a resolved config (the one mapping; CLI flags override the keys).
+  static Settings from_config(const config::Config& cfg);
 };
 
 struct Domain {
