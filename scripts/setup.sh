@@ -30,7 +30,8 @@ say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 # ---- 1. Debian packages ---------------------------------------------------------------------------
 packages=(build-essential cmake ninja-build ccache git pkg-config python3 python3-venv python3-pip
   libsentencepiece-dev nlohmann-json3-dev libcli11-dev libspdlog-dev libyaml-cpp-dev libpcre2-dev
-  libutf8proc-dev libgtest-dev libgmock-dev)
+  libutf8proc-dev libgtest-dev libgmock-dev
+  chromium)  # headless Chromium renders the report in tests/python/test_report_html.py
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -21,6 +21,8 @@ int main(int argc, char** argv) {
   sparsecl::cli::add_probe(app);
   sparsecl::cli::add_finetune(app);
   sparsecl::cli::add_eval(app);
+  sparsecl::cli::add_run(app);
+  sparsecl::cli::add_report(app);
   sparsecl::cli::add_config(app);
   sparsecl::cli::add_bench(app);
 

@@ -2,20 +2,29 @@
 // formulations (torch::topk of |h|, 0/1 float masks with sums and matmuls) on the same inputs in one
 // run, checks that they agree, and prints time, effective GB/s (logical bytes: h read once, outputs
 // written once) and the speed-up over the plain formulation.
+// `sparsecl bench model`: the model-level workloads (LoRA training step, probe forward, greedy
+// generation) on a random decoder of a config.json's shape, and `--check`, the device-vs-CPU-reference
+// check of the same code paths (src/bench/workloads.cpp, docs/bench.md).
 #include <torch/cuda.h>
 #include <torch/version.h>
 
 #include <chrono>
 #include <cstdio>
+#include <fstream>
 #include <functional>
 #include <memory>
+#include <sstream>
 #include <string>
 
+#include "sparsecl/bench/workloads.h"
 #include "sparsecl/cli/commands.h"
 #include "sparsecl/common/error.h"
+#include "sparsecl/common/files.h"
+#include "sparsecl/io/provenance.h"
 #include "sparsecl/kernels/iou.h"
 #include "sparsecl/kernels/neuron_stats.h"
 #include "sparsecl/kernels/topk.h"
+#include "sparsecl/model/decoder.h"
 
 namespace sparsecl::cli {
 
@@ -180,10 +189,60 @@ void run_bench_kernels(const BenchKernelsOptions& o) {
   std::printf("top-k speed-up over torch::topk(h.abs(), k): %.1fx (target on the H200: >= 10x)\n", t_torch / t_ours);
 }
 
+// The command line as the process received it (/proc/self/cmdline), for the JSON's provenance.
+std::string command_line() {
+  std::ifstream in("/proc/self/cmdline", std::ios::binary);
+  std::string arg, out;
+  while (std::getline(in, arg, '\0')) out += (out.empty() ? "" : " ") + arg;
+  return out;
+}
+
+std::vector<std::string> split_commas(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream in(s);
+  std::string item;
+  while (std::getline(in, item, ',')) if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+struct BenchModelArgs {
+  bench::ModelBenchOptions options;
+  std::string workloads;
+  std::string json_out;
+  bool check = false;
+};
+
+void run_bench_model(BenchModelArgs a) {
+  if (a.options.model_config.empty()) throw Error("bench model: --model-config is required");
+  if (!a.workloads.empty()) a.options.workloads = split_commas(a.workloads);
+  const std::string command = command_line();
+  nlohmann::json doc;
+  if (a.check) {
+    const auto config = model::ModelConfig::load(a.options.model_config);
+    const at::Device device = model::parse_device(a.options.device);
+    std::printf("sparsecl bench model --check: %s, %s on %s (%s) against float32 on the CPU\n",
+                a.options.model_config.string().c_str(), a.options.dtype.c_str(), device.str().c_str(),
+                bench::device_name(device).c_str());
+    doc = bench::check_against_cpu(config, device, model::parse_dtype(a.options.dtype), a.options.seed);
+    for (const auto& c : doc["checks"])
+      std::printf("  %-42s max|d| %.3e  max|ref| %.3e  rel %.3e  (tol %.0e)  %s\n", c["name"].get<std::string>().c_str(),
+                  c["max_abs_err"].get<double>(), c["max_abs_ref"].get<double>(), c["rel_err"].get<double>(),
+                  c["tolerance"].get<double>(), c["passed"].get<bool>() ? "ok" : "FAIL");
+    doc["command"] = command;
+    doc["device_name"] = bench::device_name(device);
+    doc["versions"] = io::software_versions();
+  } else {
+    doc = bench::run_model_bench(a.options, command);
+  }
+  if (!a.json_out.empty()) write_file_atomic(a.json_out, doc.dump(2) + "\n");
+  if (a.check && !doc["passed"].get<bool>()) throw Error("bench model --check: the device disagrees with the CPU reference (FAIL above)");
+  if (a.check) std::printf("check passed\n");
+}
+
 }  // namespace
 
 void add_bench(CLI::App& root) {
-  auto* bench = root.add_subcommand("bench", "Micro-benchmarks of sparsecl's own kernels");
+  auto* bench = root.add_subcommand("bench", "Benchmarks: sparsecl's kernels, and model workloads on a random decoder");
   bench->require_subcommand(1);
   auto* kern = bench->add_subcommand(
       "kernels", "Time the top-k / statistics / IoU kernels against torch::topk and plain tensor ops");
@@ -201,6 +260,42 @@ void add_bench(CLI::App& root) {
       if (iters->count() == 0) opts.iters = 2;
     }
     run_bench_kernels(opts);
+  });
+
+  auto* model_cmd = bench->add_subcommand(
+      "model", "LoRA training step, probe forward and greedy generation on a random decoder of a config.json's "
+               "shape: tokens/s, TFLOP/s, peak memory (docs/bench.md); --check compares the device with the CPU");
+  auto m = std::make_shared<BenchModelArgs>();
+  auto& mo = m->options;
+  model_cmd->add_option("--model-config", mo.model_config, "HF config.json of the shape (configs/models/*.json)")
+      ->required()
+      ->check(CLI::ExistingFile);
+  model_cmd->add_option("--device", mo.device, "cuda | cuda:N | cpu")->capture_default_str();
+  auto* dtype = model_cmd->add_option("--dtype", mo.dtype, "bfloat16 | float16 | float32 (default bfloat16 on cuda, float32 on cpu)")
+                    ->check(CLI::IsMember({"bfloat16", "float16", "float32"}));
+  model_cmd->add_option("--batch", mo.batch, "sequences per step (lora-step*, probe-forward)")->capture_default_str();
+  model_cmd->add_option("--seq", mo.seq, "tokens per sequence")->capture_default_str();
+  model_cmd->add_option("--workload", m->workloads,
+                    "comma-separated: lora-step, lora-step-ckpt, probe-forward, generate (default: all, in that order)");
+  model_cmd->add_option("--gen-batch", mo.gen_batch, "generate: prompts per batch")->capture_default_str();
+  model_cmd->add_option("--prompt-len", mo.prompt_len, "generate: tokens per prompt")->capture_default_str();
+  model_cmd->add_option("--new-tokens", mo.new_tokens, "generate: new tokens per prompt")->capture_default_str();
+  model_cmd->add_option("--warmup", mo.warmup, "untimed steps / batches first")->capture_default_str();
+  model_cmd->add_option("--iters", mo.iters, "timed optimizer steps (lora-step*) and batches (probe-forward)")->capture_default_str();
+  model_cmd->add_option("--gen-iters", mo.gen_iters, "timed greedy_generate calls")->capture_default_str();
+  model_cmd->add_option("--lora-r", mo.lora_r, "LoRA rank (all 7 projections)")->capture_default_str();
+  model_cmd->add_option("--lora-alpha", mo.lora_alpha, "LoRA alpha")->capture_default_str();
+  model_cmd->add_option("--top-ratio", mo.top_ratio, "probe-forward: k = ratio * intermediate_size")->capture_default_str();
+  model_cmd->add_option("--seed", mo.seed, "weights, token ids and adapter init")->capture_default_str();
+  model_cmd->add_option("--json", m->json_out, "write the results (or the check) as JSON here");
+  model_cmd->add_flag("--check", m->check,
+                  "only the device-vs-CPU check: the model in --dtype on --device against the same weights in "
+                  "float32 on the CPU (logits, KV-cache decode, probe statistics, LoRA loss and gradients); "
+                  "exit 1 on a failure");
+  model_cmd->callback([m, dtype] {
+    BenchModelArgs a = *m;
+    if (dtype->count() == 0) a.options.dtype = a.options.device == "cpu" ? "float32" : "bfloat16";
+    run_bench_model(a);
   });
 }
 

@@ -1,5 +1,6 @@
-// `sparsecl finetune-lora` and `sparsecl finetune-full`: one fine-tuning stage on one JSONL file with the
-// shared trainer (include/sparsecl/train/trainer.h, docs/train.md).
+// `sparsecl finetune-<method>` (lora, mask, orth, full, migu): one fine-tuning stage on one JSONL file with
+// the shared trainer (include/sparsecl/train/trainer.h, docs/train.md); the method comes from
+// train::make_method, the one name -> Method mapping the `run` driver uses too.
 //
 // Settings come from one resolved config: the schema's defaults, then `-c CONFIG` (YAML), then
 // `key=value` overrides, then any flag given explicitly (each flag is the config key it names:
@@ -8,10 +9,14 @@
 // --output = output, --device = device, --dtype = dtype). The data file is --data, or, without it,
 // data.<first of stages>.train. --heldout FILE adds the held-out loss before and after training
 // (heldout.json). --resume continues the run in --output from its newest checkpoint.
+// --previous DIR (repeatable, oldest first) names earlier stages' output directories: each is applied to
+// the base model (train::apply_stage_output, its method read from its manifest.json) before training,
+// and the method sees them (mask.exclude_previous, orth's bases) as the `run` driver would pass them.
 #include <fstream>
 
 #include "sparsecl/cli/commands.h"
 #include "sparsecl/common/error.h"
+#include "sparsecl/common/files.h"
 #include "sparsecl/common/log.h"
 #include "sparsecl/config/schema.h"
 #include "sparsecl/data/dataset.h"
@@ -28,9 +33,9 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 struct FinetuneArgs {
-  std::string method;  // "lora" | "full"
+  std::string method;  // "lora" | "full" | "mask" | "orth" | "migu"
   std::string config_file;
-  std::vector<std::string> overrides;
+  std::vector<std::string> overrides, previous;
   std::string model, data, heldout, output, device, dtype;
   int64_t steps = 0, batch_size = 0, max_length = 0, seed = 0, heldout_samples = 32;
   double lr = 0;
@@ -39,8 +44,13 @@ struct FinetuneArgs {
   bool given(const char* flag) const { return cmd->count(flag) > 0; }
 };
 
+// Methods that train base weights or neuron deltas of them: their --lr is train.lr_dense.
+bool trains_base_weights(const std::string& method) { return method == "full" || method == "migu" || method == "mask"; }
+// Methods whose trainable tensors ARE the base weights: they need fp32 weights (the masters).
+bool needs_fp32_weights(const std::string& method) { return method == "full" || method == "migu"; }
+
 void run_finetune(const FinetuneArgs& a) {
-  const bool dense = a.method == "full";
+  const bool dense = trains_base_weights(a.method);
   config::Config cfg = a.config_file.empty() ? config::Config(config::schema()) : config::load(a.config_file, {});
   cfg.apply_overrides(a.overrides);
   if (a.given("--model")) cfg.set("model", a.model, "--model");
@@ -69,20 +79,33 @@ void run_finetune(const FinetuneArgs& a) {
 
   train::RunInfo info;
   info.config = cfg.to_json();
-  info.config["finetune"] = {{"method", a.method}, {"data", data_file}};
-  // The data file is part of what the run computes, so it is part of the hash.
-  info.config_hash = config::fnv1a64_hex(cfg.to_json(true).dump() + json({{"method", a.method}, {"data", data_file}}).dump());
+  const json stage_json = {{"method", a.method}, {"data", data_file}, {"previous", a.previous}};
+  info.config["finetune"] = stage_json;
+  // The data file and the earlier stages are part of what the run computes, so part of the hash.
+  info.config_hash = config::fnv1a64_hex(cfg.to_json(true).dump() + stage_json.dump());
   info.base_model = model_dir.string();
 
   // Options we do not implement fail here, before the model and the data are loaded.
   (void)train::TrainOptions::from_config(cfg, dense, 1);
   if (!dense) (void)train::lora_config_from(cfg);
-  if (dense && cfg.get<std::string>("dtype") != "float32")
-    throw Error(cmd_name + ": dtype=" + cfg.get<std::string>("dtype") +
-                ": full fine-tuning needs float32 weights (the fp32 masters; cuda computes under bf16 autocast)");
+  if (needs_fp32_weights(a.method) && cfg.get<std::string>("dtype") != "float32")
+    throw Error(cmd_name + ": dtype=" + cfg.get<std::string>("dtype") + ": " + a.method +
+                " trains base weights and needs float32 weights (the fp32 masters; cuda computes under bf16 autocast)");
+  std::vector<std::pair<std::string, fs::path>> previous;  // (method, dir), oldest first
+  for (const auto& p : a.previous) {
+    const json manifest = read_json_file(fs::path(p) / "manifest.json", "earlier stage manifest");
+    if (manifest.value("status", "") != "finished")
+      throw Error(cmd_name + ": --previous " + p + " is not a finished stage (manifest.json status '" +
+                  manifest.value("status", "") + "')");
+    previous.push_back({manifest.at("method").get<std::string>(), p});
+  }
   const std::string device_name = a.given("--device") ? a.device : cfg.get<std::string>("device");
   auto decoder = model::Decoder::load(model_dir, model::parse_dtype(cfg.get<std::string>("dtype")),
                                       model::parse_device(device_name));
+  for (const auto& [m, dir] : previous) {
+    log::info(cmd_name, ": applying earlier stage ", dir.string(), " (", m, ")");
+    train::apply_stage_output(decoder, m, dir);
+  }
   auto tokenizer = text::Tokenizer::load_if_present(model_dir);
   const int64_t pad_id = data::pad_id_for(tokenizer.get());
   data::LoadOptions lo;
@@ -110,12 +133,15 @@ void run_finetune(const FinetuneArgs& a) {
   o.resume = a.resume;
   o.progress = !a.no_progress;
   o.pad_id = pad_id;
-  std::unique_ptr<train::Method> method;
-  if (dense)
-    method = std::make_unique<train::FullMethod>();
-  else
-    method = std::make_unique<train::LoraMethod>(train::lora_config_from(cfg), o.seed);
+  train::StageContext ctx;
+  ctx.examples = &examples;
+  for (const auto& pr : previous) ctx.previous.push_back(pr.second);
+  ctx.pad_id = pad_id;
+  ctx.seed = o.seed;
+  std::unique_ptr<train::Method> method = train::make_method(a.method, cfg, ctx);
   const auto result = train::train(decoder, *method, examples, o, out, info);
+  // What later stages must respect (orth's bases, mask's neurons) goes next to the product.
+  if (result.finished) method->finish_stage(decoder, examples, out);
   log::info(cmd_name, ": ", result.steps_done, " steps, last loss ", result.last_loss, ", ", result.tokens_per_s,
             " tokens/s");
 
@@ -125,13 +151,7 @@ void run_finetune(const FinetuneArgs& a) {
     heldout_json["config_hash"] = info.config_hash;
     heldout_json["tokens_per_s"] = result.tokens_per_s;
     log::info(cmd_name, ": held-out loss after ", after);
-    const fs::path path = out / "heldout.json", tmp = out / "heldout.json.tmp";
-    {
-      std::ofstream f(tmp);
-      f << heldout_json.dump(2) << "\n";
-      if (!f) throw Error(tmp.string() + ": write failed");
-    }
-    fs::rename(tmp, path);
+    write_file_atomic(out / "heldout.json", heldout_json.dump(2) + "\n");
   }
 }
 
@@ -146,7 +166,7 @@ void add_one(CLI::App& root, const std::string& method, const std::string& help)
   cmd->add_option("--data", a->data, "training JSONL (default: data.<first stage>.train)");
   cmd->add_option("--output", a->output, "output directory (output)");
   cmd->add_option("--steps", a->steps, "optimizer steps (train.steps)");
-  cmd->add_option("--lr", a->lr, method == "full" ? "peak learning rate (train.lr_dense)" : "peak learning rate (train.lr)");
+  cmd->add_option("--lr", a->lr, trains_base_weights(method) ? "peak learning rate (train.lr_dense)" : "peak learning rate (train.lr)");
   cmd->add_option("--batch-size", a->batch_size, "sequences per micro-batch (train.batch_size)");
   cmd->add_option("--max-length", a->max_length, "tokens per sequence (train.max_length)");
   cmd->add_option("--seed", a->seed, "seed of data order, init and dropout (train.seed)");
@@ -154,6 +174,8 @@ void add_one(CLI::App& root, const std::string& method, const std::string& help)
   cmd->add_option("--dtype", a->dtype, "dtype of the frozen weights (dtype)")->check(CLI::IsMember({"float32", "bfloat16", "float16"}));
   cmd->add_option("--heldout", a->heldout, "held-out JSONL: loss before and after training into heldout.json");
   cmd->add_option("--heldout-samples", a->heldout_samples, "first N held-out records (0: all)")->capture_default_str();
+  cmd->add_option("--previous", a->previous, "earlier stage output directory, applied to the model first (repeat, oldest first)")
+      ->allow_extra_args(false);
   cmd->add_flag("--resume", a->resume, "continue the run in --output from its newest checkpoint");
   cmd->add_flag("--no-progress", a->no_progress, "no progress bar on stderr");
   cmd->callback([a] { run_finetune(*a); });
@@ -163,7 +185,10 @@ void add_one(CLI::App& root, const std::string& method, const std::string& help)
 
 void add_finetune(CLI::App& root) {
   add_one(root, "lora", "Fine-tune new LoRA adapters on one JSONL file (PEFT layout output)");
+  add_one(root, "mask", "Approach A: train only each layer's top neurons of the data (compact deltas; mask.*)");
+  add_one(root, "orth", "Approach B: LoRA orthogonal to earlier stages' subspace (--previous; orth.*)");
   add_one(root, "full", "Fine-tune every weight on one JSONL file (baseline; fp32 weights)");
+  add_one(root, "migu", "MIGU baseline: full fine-tuning with magnitude-gated gradient rows (migu.*)");
 }
 
 }  // namespace sparsecl::cli

@@ -1,4 +1,4 @@
-// JSONL domain files -> token examples -> right-padded batches (see include/sparsecl/data/dataset.h).
+// JSONL domain files -> token examples -> right-padded or packed batches (see include/sparsecl/data/dataset.h).
 // Every line is parsed and validated up front (so a bad record anywhere in the file is reported with
 // its line number, not only when it happens to be selected); only the selected records are tokenized.
 #include "sparsecl/data/dataset.h"
@@ -214,6 +214,71 @@ Batch make_batch(const std::vector<Example>& examples, size_t begin, size_t end,
     }
     b.num_tokens += n;
     b.lengths.push_back(n);
+  }
+  return b;
+}
+
+std::vector<std::vector<size_t>> pack_first_fit(const std::vector<int64_t>& lengths, int64_t max_rows,
+                                                int64_t max_length) {
+  if (max_rows < 1 || max_length < 1) throw Error("pack_first_fit: max_rows and max_length must be >= 1");
+  std::vector<std::vector<size_t>> rows;
+  std::vector<int64_t> used;  // tokens per row
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    const int64_t n = lengths[i];
+    if (n < 1 || n > max_length)
+      throw Error("packing: example of " + std::to_string(n) + " tokens does not fit max_length " +
+                  std::to_string(max_length) + " (train.max_length; examples are truncated to it when loaded)");
+    size_t r = 0;
+    while (r < rows.size() && used[r] + n > max_length) ++r;
+    if (r == rows.size()) {
+      if (static_cast<int64_t>(rows.size()) == max_rows) break;  // fits nowhere: the batch is full
+      rows.emplace_back();
+      used.push_back(0);
+    }
+    rows[r].push_back(i);
+    used[r] += n;
+  }
+  return rows;
+}
+
+Batch make_packed_batch(const std::vector<std::vector<const Example*>>& rows, int64_t pad_id) {
+  if (rows.empty()) throw Error("make_packed_batch: no rows");
+  const int64_t B = static_cast<int64_t>(rows.size());
+  int64_t T = 0;
+  for (const auto& row : rows) {
+    if (row.empty()) throw Error("make_packed_batch: empty row");
+    int64_t n = 0;
+    for (const Example* ex : row) n += static_cast<int64_t>(ex->ids.size());
+    T = std::max(T, n);
+  }
+  Batch b;
+  b.input_ids = at::full({B, T}, pad_id, at::kLong);      // [B, T]
+  b.attention_mask = at::zeros({B, T}, at::kLong);        // [B, T]
+  b.labels = at::full({B, T}, int64_t{-100}, at::kLong);  // [B, T]
+  b.segment_ids = at::zeros({B, T}, at::kLong);           // [B, T]
+  auto ids = b.input_ids.accessor<int64_t, 2>();
+  auto mask = b.attention_mask.accessor<int64_t, 2>();
+  auto labels = b.labels.accessor<int64_t, 2>();
+  auto segments = b.segment_ids.accessor<int64_t, 2>();
+  for (int64_t r = 0; r < B; ++r) {
+    int64_t pos = 0;
+    for (size_t s = 0; s < rows[r].size(); ++s) {
+      const Example& ex = *rows[r][s];
+      const int64_t n = static_cast<int64_t>(ex.ids.size());
+      for (int64_t t = 0; t < n; ++t, ++pos) {
+        ids[r][pos] = ex.ids[t];
+        mask[r][pos] = 1;
+        segments[r][pos] = static_cast<int64_t>(s) + 1;
+        // t = 0 is never a target: within the example nothing precedes it, and across the boundary the
+        // previous example's last token must not predict it.
+        if (t >= 1 && ex.loss_mask[t]) {
+          labels[r][pos] = ex.ids[t];
+          ++b.num_label_tokens;
+        }
+      }
+    }
+    b.num_tokens += pos;
+    b.lengths.push_back(pos);
   }
   return b;
 }

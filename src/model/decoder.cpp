@@ -1,12 +1,24 @@
 // The decoder: loading from HF checkpoints with full validation, and the forward pass (embeddings,
 // RMSNorm, RoPE incl. llama3 scaling, GQA attention through SDPA with an optional KV cache, SwiGLU MLP,
-// LM head). Mirrors transformers' modeling_llama / qwen2 / qwen3 / mistral numerics.
+// LM head). Mirrors transformers' modeling_llama / qwen2 / qwen3 / mistral numerics. Packed rows
+// (segment_ids: block-diagonal causal attention, positions restarting per example) and activation
+// checkpointing per decoder layer (an autograd Node that recomputes the layer in backward) serve the
+// trainer.
 #include "sparsecl/model/decoder.h"
 
 
+#include <ATen/autocast_mode.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/accumulate_grad.h>
+#include <torch/csrc/autograd/saved_variable.h>
+
 #include <cmath>
+#include <functional>
+#include <mutex>
 #include <numbers>
 #include <set>
+#include <unordered_set>
 
 #include "sparsecl/common/error.h"
 #include "sparsecl/common/log.h"
@@ -202,6 +214,23 @@ Decoder Decoder::load(const fs::path& dir, at::ScalarType dtype, at::Device devi
   return d;
 }
 
+Decoder::Decoder(Decoder&& other) noexcept { *this = std::move(other); }
+
+Decoder& Decoder::operator=(Decoder&& other) noexcept {
+  config_ = std::move(other.config_);
+  source_ = std::move(other.source_);
+  dtype_ = other.dtype_;
+  device_ = other.device_;
+  embed_tokens_ = std::move(other.embed_tokens_);
+  lm_head_ = std::move(other.lm_head_);
+  norm_ = std::move(other.norm_);
+  layers_ = std::move(other.layers_);
+  inv_freq_ = std::move(other.inv_freq_);
+  build_parameter_table();  // the table points into *this, not into `other`
+  other.params_.clear();
+  return *this;
+}
+
 void Decoder::build_parameter_table() {
   params_.clear();
   params_.push_back({"model.embed_tokens.weight", &embed_tokens_});
@@ -253,7 +282,24 @@ at::Tensor Decoder::linear(const at::Tensor& x, const Linear& l, bool training) 
     // Trainable deltas are fp32 masters; compute in the activation dtype (a no-op cast in fp32).
     y = y + at::linear(at::linear(xi, d.A.to(x.scalar_type())), d.B.to(x.scalar_type())) * d.scale;
   }
+  for (const IndexedDelta& d : l.indexed) {
+    const at::Tensor delta = d.delta.to(x.scalar_type());  // fp32 master -> activation dtype (no-op in fp32)
+    if (d.columns)
+      y = y + at::linear(x.index_select(x.dim() - 1, d.index), delta);  // [..., K] x [out, K]^T -> [..., out]
+    else
+      y = y.index_add(y.dim() - 1, d.index, at::linear(x, delta).to(y.scalar_type()));  // [..., K] into [..., out]
+  }
   return y;
+}
+
+void merge_indexed_deltas(Linear& l) {
+  at::NoGradGuard no_grad;
+  for (const IndexedDelta& d : l.indexed) {
+    const at::Tensor index = d.index.to(l.weight.device(), at::kLong);
+    const at::Tensor delta = d.delta.detach().to(l.weight.device(), l.weight.scalar_type());
+    l.weight.index_add_(d.columns ? 1 : 0, index, delta);  // W[:, index] or W[index, :] += delta
+  }
+  l.indexed.clear();
 }
 
 std::pair<at::Tensor, at::Tensor> Decoder::rope_tables(const at::Tensor& position_ids) const {
@@ -261,6 +307,295 @@ std::pair<at::Tensor, at::Tensor> Decoder::rope_tables(const at::Tensor& positio
   at::Tensor freqs = position_ids.to(at::kFloat).unsqueeze(-1) * inv_freq_.view({1, 1, -1});
   at::Tensor emb = at::cat({freqs, freqs}, -1);
   return {emb.cos(), emb.sin()};
+}
+
+// ---- activation checkpointing (ForwardOptions::checkpoint_layers) -----------------------------------
+// libtorch C++ has no torch.utils.checkpoint; this is its mechanism for one decoder layer, as an
+// autograd Node: the layer runs without autograd in the forward pass, the Node keeps the layer input
+// (and the layer's trainable tensors, as its other inputs), and its backward recomputes the layer with
+// autograd on and backpropagates the incoming gradient through the recomputation
+// (torch::autograd::grad with respect to the input and the trainable tensors), returning the results
+// along the Node's edges, so that gradients accumulate where they would without checkpointing.
+namespace {
+
+using torch::autograd::variable_list;
+
+// Every tensor of a decoder layer that requires grad: the inputs of the layer's checkpoint Node. The
+// one list of what a layer computes with (norm weights; per projection: weight, bias, LoRA A / B,
+// indexed deltas). A field added to Linear / DecoderLayer that can be trained must be named here; the
+// recomputation checks that no trainable tensor outside this list is reached (an Error instead of a
+// silently lost gradient).
+std::vector<at::Tensor> layer_grad_tensors(const DecoderLayer& L) {
+  std::vector<at::Tensor> out;
+  auto add = [&](const at::Tensor& t) {
+    if (t.defined() && t.requires_grad()) out.push_back(t);
+  };
+  for (const RMSNorm* n : {&L.input_layernorm, &L.post_attention_layernorm, &L.q_norm, &L.k_norm}) add(n->weight);
+  for (const Linear* lin : {&L.q_proj, &L.k_proj, &L.v_proj, &L.o_proj, &L.gate_proj, &L.up_proj, &L.down_proj}) {
+    add(lin->weight);
+    add(lin->bias);
+    for (const LoraDelta& d : lin->lora) {
+      add(d.A);
+      add(d.B);
+    }
+    for (const IndexedDelta& d : lin->indexed) add(d.delta);
+  }
+  return out;
+}
+
+// The default generators a recomputation replays (torch.utils.checkpoint's preserve_rng_state): the CPU
+// one always, the CUDA one of the layer's device when it runs there.
+struct RngState {
+  at::Tensor cpu, cuda;
+  at::Device device = at::kCPU;
+
+  static std::vector<at::Generator> generators(at::Device device) {
+    std::vector<at::Generator> g{at::globalContext().defaultGenerator(at::kCPU)};
+    if (device.is_cuda())
+      g.push_back(at::globalContext().defaultGenerator(at::Device(at::kCUDA, device.has_index() ? device.index() : 0)));
+    return g;
+  }
+  static RngState capture(at::Device device) {
+    RngState s;
+    s.device = device;
+    auto g = generators(device);
+    for (size_t i = 0; i < g.size(); ++i) {
+      std::lock_guard<std::mutex> lock(g[i].mutex());
+      (i == 0 ? s.cpu : s.cuda) = g[i].get_state();
+    }
+    return s;
+  }
+  void restore() const {
+    if (!cpu.defined()) return;
+    auto g = generators(device);
+    for (size_t i = 0; i < g.size(); ++i) {
+      std::lock_guard<std::mutex> lock(g[i].mutex());
+      g[i].set_state(i == 0 ? cpu : cuda);
+    }
+  }
+};
+
+// The autocast state of the forward pass, which the recomputation must share (the trainer's bf16
+// autocast on CUDA is off again when backward runs).
+struct AutocastState {
+  bool cpu = false, cuda = false;
+  at::ScalarType cpu_dtype = at::kBFloat16, cuda_dtype = at::kBFloat16;
+
+  static AutocastState capture() {
+    AutocastState s;
+    s.cpu = at::autocast::is_autocast_enabled(at::kCPU);
+    s.cuda = at::autocast::is_autocast_enabled(at::kCUDA);
+    s.cpu_dtype = at::autocast::get_autocast_dtype(at::kCPU);
+    s.cuda_dtype = at::autocast::get_autocast_dtype(at::kCUDA);
+    return s;
+  }
+  void apply() const {
+    at::autocast::set_autocast_dtype(at::kCPU, cpu_dtype);
+    at::autocast::set_autocast_dtype(at::kCUDA, cuda_dtype);
+    at::autocast::set_autocast_enabled(at::kCPU, cpu);
+    at::autocast::set_autocast_enabled(at::kCUDA, cuda);
+  }
+};
+
+// Runs the recomputation in the forward pass's RNG and autocast state; puts the current ones back after
+// (also on an exception), so that the checkpoint leaves the generators exactly where they were.
+class ReplayGuard {
+ public:
+  ReplayGuard(const RngState& rng, const AutocastState& autocast, at::Device device)
+      : rng_now_(rng.cpu.defined() ? RngState::capture(device) : RngState{}), autocast_now_(AutocastState::capture()),
+        autocast_on_(autocast.cpu || autocast.cuda) {
+    rng.restore();
+    autocast.apply();
+  }
+  ~ReplayGuard() {
+    rng_now_.restore();
+    autocast_now_.apply();
+    // Casts cached by the recomputation's autocast are not needed once it is done.
+    if (autocast_on_ && !autocast_now_.cpu && !autocast_now_.cuda) at::autocast::clear_cache();
+  }
+  ReplayGuard(const ReplayGuard&) = delete;
+  ReplayGuard& operator=(const ReplayGuard&) = delete;
+
+ private:
+  RngState rng_now_;
+  AutocastState autocast_now_;
+  bool autocast_on_;
+};
+
+// Throws when the recomputed layer reached a tensor that requires grad (an AccumulateGrad leaf) other
+// than the Node's inputs: its gradient would otherwise be lost.
+void check_trainables_are_inputs(const at::Tensor& out, const std::vector<at::Tensor>& inputs, int64_t layer) {
+  std::unordered_set<const torch::autograd::Node*> inputs_edges, seen;
+  for (const at::Tensor& t : inputs)
+    if (t.requires_grad()) inputs_edges.insert(torch::autograd::impl::gradient_edge(t).function.get());
+  std::vector<torch::autograd::Node*> todo;
+  if (out.grad_fn()) todo.push_back(out.grad_fn().get());
+  while (!todo.empty()) {
+    torch::autograd::Node* node = todo.back();
+    todo.pop_back();
+    for (const torch::autograd::Edge& e : node->next_edges()) {
+      torch::autograd::Node* f = e.function.get();
+      if (!f || inputs_edges.count(f) || !seen.insert(f).second) continue;
+      if (auto* leaf = dynamic_cast<torch::autograd::AccumulateGrad*>(f))
+        throw Error("activation checkpointing: decoder layer " + std::to_string(layer) +
+                    " computes with a tensor that requires grad (shape " + shape_str(leaf->variable.sizes()) +
+                    ") that layer_grad_tensors() in src/model/decoder.cpp does not list; add the field there");
+      todo.push_back(f);
+    }
+  }
+}
+
+// The backward Node of one checkpointed layer. Inputs (edges): the layer input x, then the layer's
+// tensors that require grad, in layer_grad_tensors() order.
+class LayerCheckpointBackward final : public torch::autograd::Node {
+ public:
+  using Recompute = std::function<at::Tensor(const at::Tensor&)>;  // x [B, T, H] -> layer output [B, T, H]
+
+  LayerCheckpointBackward(int64_t layer, Recompute recompute, const at::Tensor& x, const std::vector<at::Tensor>& params,
+                          RngState rng, AutocastState autocast, at::Device device)
+      : layer_(layer), recompute_(std::move(recompute)), x_(x, /*is_output=*/false), rng_(std::move(rng)),
+        autocast_(autocast), device_(device) {
+    for (const at::Tensor& p : params) params_.emplace_back(p, /*is_output=*/false);
+  }
+
+  std::string name() const override { return "sparsecl::LayerCheckpointBackward"; }
+
+  variable_list apply(variable_list&& grads) override {
+    variable_list result(num_outputs());
+    if (!recompute_) throw Error("activation checkpointing: layer " + std::to_string(layer_) +
+                                 " backpropagated twice (its saved input was released after the first backward)");
+    const at::Tensor& grad_out = grads[0];  // [B, T, H]
+    if (!grad_out.defined()) return result;  // nothing flows back through this layer
+    const at::Tensor x = x_.unpack();
+    std::vector<at::Tensor> params;
+    for (const auto& p : params_) params.push_back(p.unpack());
+    at::Tensor x_in = x.detach().requires_grad_(task_should_compute_output(0));
+    at::Tensor out;
+    {
+      ReplayGuard replay(rng_, autocast_, device_);
+      at::AutoGradMode grad_on(true);
+      out = recompute_(x_in);
+    }
+    std::vector<at::Tensor> all = params;
+    all.push_back(x_in);
+    check_trainables_are_inputs(out, all, layer_);
+    std::vector<at::Tensor> wrt;
+    std::vector<size_t> slot;
+    if (x_in.requires_grad()) {
+      wrt.push_back(x_in);
+      slot.push_back(0);
+    }
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (!task_should_compute_output(i + 1)) continue;
+      wrt.push_back(params[i]);
+      slot.push_back(i + 1);
+    }
+    if (wrt.empty() || !out.requires_grad()) return result;
+    const variable_list g = torch::autograd::grad({out}, wrt, {grad_out}, /*retain_graph=*/false,
+                                                  /*create_graph=*/false, /*allow_unused=*/true);
+    for (size_t k = 0; k < g.size(); ++k) result[slot[k]] = g[k];
+    return result;
+  }
+
+  void release_variables() override {
+    x_.reset_data();
+    for (auto& p : params_) p.reset_data();
+    recompute_ = nullptr;
+  }
+
+ private:
+  int64_t layer_;
+  Recompute recompute_;
+  torch::autograd::SavedVariable x_;
+  std::vector<torch::autograd::SavedVariable> params_;
+  RngState rng_;
+  AutocastState autocast_;
+  at::Device device_;
+};
+
+// Positions restarting at 0 in every segment: segment_ids [B, T] -> position_ids [B, T] int64.
+at::Tensor segment_positions(const at::Tensor& segment_ids) {
+  const int64_t B = segment_ids.size(0), T = segment_ids.size(1);
+  at::Tensor idx = at::arange(T, segment_ids.options().dtype(at::kLong)).unsqueeze(0).expand({B, T});
+  at::Tensor starts = at::ones({B, T}, segment_ids.options().dtype(at::kBool));
+  if (T > 1) starts.narrow(1, 1, T - 1).copy_(segment_ids.narrow(1, 1, T - 1) != segment_ids.narrow(1, 0, T - 1));
+  at::Tensor start_idx = std::get<0>(at::cummax(at::where(starts, idx, at::zeros_like(idx)), 1));  // [B, T]
+  return idx - start_idx;
+}
+
+}  // namespace
+
+at::Tensor Decoder::checkpointed_layer_forward(int64_t l, const at::Tensor& x, const LayerContext& ctx) const {
+  const std::vector<at::Tensor> params = layer_grad_tensors(layers_[l]);
+  // The generator state before the first pass is what the recomputation replays (LoRA dropout masks).
+  RngState rng = ctx.training ? RngState::capture(device_) : RngState{};
+  at::Tensor out;
+  {
+    at::NoGradGuard no_grad;
+    out = layer_forward(l, x, ctx);  // hook and mlp_act see this pass, once
+  }
+  LayerContext again = ctx;
+  again.hook = nullptr;
+  again.mlp_act = nullptr;
+  again.cache = nullptr;
+  // The Decoder must outlive the backward pass (the recomputation runs its layer l).
+  auto recompute = [this, l, again](const at::Tensor& xi) { return layer_forward(l, xi, again); };
+  std::shared_ptr<LayerCheckpointBackward> node(
+      new LayerCheckpointBackward(l, std::move(recompute), x, params, std::move(rng), AutocastState::capture(), device_),
+      torch::autograd::deleteNode);
+  variable_list inputs{x};
+  inputs.insert(inputs.end(), params.begin(), params.end());
+  node->set_next_edges(torch::autograd::collect_next_edges(inputs));
+  // Even with no input requiring grad the Node stays in the graph, so that its recomputation checks
+  // that the layer reaches no trainable tensor outside layer_grad_tensors().
+  torch::autograd::create_gradient_edge(out, node);
+  return out;
+}
+
+at::Tensor Decoder::layer_forward(int64_t l, const at::Tensor& x_in, const LayerContext& ctx) const {
+  const ModelConfig& c = config_;
+  const DecoderLayer& L = layers_[l];
+  const int64_t B = ctx.B, T = ctx.T, past = ctx.past, S = ctx.S;
+  const int64_t nh = c.num_attention_heads, nkv = c.num_key_value_heads, D = c.head_dim;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  const ActivationHook* hook = ctx.hook && *ctx.hook ? ctx.hook : nullptr;
+
+  at::Tensor x = x_in;
+  at::Tensor residual = x;
+  at::Tensor h = rms_norm(x, L.input_layernorm.weight, c.rms_norm_eps);
+  if (hook) (*hook)(HookPoint::AttnInput, l, h);
+  at::Tensor q = linear(h, L.q_proj, ctx.training).view({B, T, nh, D});
+  at::Tensor k = linear(h, L.k_proj, ctx.training).view({B, T, nkv, D});
+  at::Tensor v = linear(h, L.v_proj, ctx.training).view({B, T, nkv, D}).transpose(1, 2);
+  if (c.qk_norm) {
+    q = rms_norm(q, L.q_norm.weight, c.rms_norm_eps);
+    k = rms_norm(k, L.k_norm.weight, c.rms_norm_eps);
+  }
+  q = q.transpose(1, 2);  // [B, nh, T, D]
+  k = k.transpose(1, 2);  // [B, nkv, T, D]
+  q = q * ctx.cos + rotate_half(q) * ctx.sin;
+  k = k * ctx.cos + rotate_half(k) * ctx.sin;
+  if (ctx.cache) {
+    ctx.cache->k_[l].narrow(2, past, T).copy_(k);
+    ctx.cache->v_[l].narrow(2, past, T).copy_(v);
+    k = ctx.cache->k_[l].narrow(2, 0, S);
+    v = ctx.cache->v_[l].narrow(2, 0, S);
+  }
+  at::Tensor attn =
+      at::scaled_dot_product_attention(q, k, v, ctx.mask, 0.0, ctx.is_causal, scale, /*enable_gqa=*/nkv != nh);
+  attn = attn.transpose(1, 2).reshape({B, T, nh * D});
+  if (hook) (*hook)(HookPoint::AttnOutput, l, attn);
+  x = residual + linear(attn, L.o_proj, ctx.training);
+
+  residual = x;
+  h = rms_norm(x, L.post_attention_layernorm.weight, c.rms_norm_eps);
+  if (hook) (*hook)(HookPoint::MlpInput, l, h);
+  at::Tensor act = activation(linear(h, L.gate_proj, ctx.training), c.hidden_act) * linear(h, L.up_proj, ctx.training);
+  if (hook) (*hook)(HookPoint::MlpIntermediate, l, act);
+  if (ctx.mlp_act) ctx.mlp_act->push_back(act);
+  x = residual + linear(act, L.down_proj, ctx.training);
+  if (hook) (*hook)(HookPoint::Residual, l, x);
+  return x;
 }
 
 ForwardOutput Decoder::forward(const ForwardInput& in, const ForwardOptions& opt) const {
@@ -285,20 +620,40 @@ ForwardOutput Decoder::forward(const ForwardInput& in, const ForwardOptions& opt
       throw Error("input id out of range [0, " + std::to_string(c.vocab_size) + "): min " + std::to_string(min_id) +
                   ", max " + std::to_string(max_id));
   }
+  at::Tensor segments;  // [B, T] int64 or undefined
+  if (in.segment_ids.defined()) {
+    if (in.segment_ids.dim() != 2 || in.segment_ids.size(0) != B || in.segment_ids.size(1) != T)
+      throw Error("segment_ids must be [B, T] = [" + std::to_string(B) + ", " + std::to_string(T) + "], got " +
+                  shape_str(in.segment_ids.sizes()));
+    if (opt.cache) throw Error("segment_ids (packed rows) cannot be combined with a KV cache");
+    segments = in.segment_ids.to(device_, at::kLong);
+    if (in.segment_ids.device().is_cpu() && segments.numel() && segments.min().item<int64_t>() < 0)
+      throw Error("segment_ids must be >= 0 (0 = padding, 1..n = the example of the row)");
+  }
+  if (opt.checkpoint_layers && opt.cache) throw Error("checkpoint_layers (activation checkpointing) cannot be combined with a KV cache");
 
-  at::Tensor position_ids = in.position_ids.defined()
-                                ? in.position_ids.to(device_, at::kLong)
-                                : at::arange(past, S, at::TensorOptions().dtype(at::kLong).device(device_)).unsqueeze(0).expand({B, T});
+  at::Tensor position_ids = in.position_ids.defined() ? in.position_ids.to(device_, at::kLong)
+                            : segments.defined()      ? segment_positions(segments)
+                                                      : at::arange(past, S, at::TensorOptions().dtype(at::kLong).device(device_))
+                                                            .unsqueeze(0)
+                                                            .expand({B, T});
   auto [cos, sin] = rope_tables(position_ids);
-  cos = cos.to(dtype_).unsqueeze(1);  // [B, 1, T, D]
-  sin = sin.to(dtype_).unsqueeze(1);
+  LayerContext ctx;
+  ctx.B = B;
+  ctx.T = T;
+  ctx.past = past;
+  ctx.S = S;
+  ctx.cos = cos.to(dtype_).unsqueeze(1);  // [B, 1, T, D]
+  ctx.sin = sin.to(dtype_).unsqueeze(1);
+  ctx.training = opt.training;
+  ctx.cache = opt.cache;
+  ctx.hook = opt.hook;
 
-  // Attention mask: plain causal when nothing is padded and there is no cache (SDPA's fast path);
-  // otherwise an explicit boolean [B, 1, T, S] mask = causal AND key is a real token.
-  std::optional<at::Tensor> mask;
-  bool is_causal = false;
-  if (!in.attention_mask.defined() && past == 0) {
-    is_causal = T > 1;
+  // Attention mask: plain causal when nothing is padded or packed and there is no cache (SDPA's fast
+  // path); otherwise an explicit boolean [B, 1, T, S] mask = causal AND key is a real token AND (packed)
+  // key is in the query's segment.
+  if (!in.attention_mask.defined() && !segments.defined() && past == 0) {
+    ctx.is_causal = T > 1;
   } else {
     auto lopts = at::TensorOptions().dtype(at::kLong).device(device_);
     at::Tensor q_pos = at::arange(past, S, lopts).view({T, 1});
@@ -310,54 +665,26 @@ ForwardOutput Decoder::forward(const ForwardInput& in, const ForwardOptions& opt
                     "], got " + shape_str(in.attention_mask.sizes()));
       at::Tensor keys = in.attention_mask.to(device_).to(at::kBool).view({B, 1, 1, S});
       m = m.logical_and(keys);
-      // A query row with no visible key (a fully padded row) would give NaN: let it see itself.
+    }
+    if (segments.defined()) {  // S == T here (no cache)
+      at::Tensor same = segments.view({B, 1, T, 1}) == segments.view({B, 1, 1, T});  // [B, 1, T, T]
+      m = m.logical_and(same).logical_and((segments != 0).view({B, 1, 1, T}));
+    }
+    if (in.attention_mask.defined() || segments.defined()) {
+      // A query row with no visible key (a padding position) would give NaN: let it see itself.
       at::Tensor empty = m.any(-1, /*keepdim=*/true).logical_not();
       m = m.logical_or(empty.logical_and((k_pos == q_pos).view({1, 1, T, S})));
     }
-    mask = m;
+    ctx.mask = m;
   }
 
   ForwardOutput out;
+  if (opt.mlp_act) ctx.mlp_act = &out.mlp_act;
   at::Tensor x = at::embedding(embed_tokens_, ids);  // [B, T, H]
   if (opt.hidden_states) out.hidden_states.push_back(x);
-  const int64_t nh = c.num_attention_heads, nkv = c.num_key_value_heads, D = c.head_dim;
-  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
-
+  const bool checkpoint = opt.checkpoint_layers && at::GradMode::is_enabled();
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const DecoderLayer& L = layers_[l];
-    at::Tensor residual = x;
-    at::Tensor h = rms_norm(x, L.input_layernorm.weight, c.rms_norm_eps);
-    if (opt.hook && *opt.hook) (*opt.hook)(HookPoint::AttnInput, l, h);
-    at::Tensor q = linear(h, L.q_proj, opt.training).view({B, T, nh, D});
-    at::Tensor k = linear(h, L.k_proj, opt.training).view({B, T, nkv, D});
-    at::Tensor v = linear(h, L.v_proj, opt.training).view({B, T, nkv, D}).transpose(1, 2);
-    if (c.qk_norm) {
-      q = rms_norm(q, L.q_norm.weight, c.rms_norm_eps);
-      k = rms_norm(k, L.k_norm.weight, c.rms_norm_eps);
-    }
-    q = q.transpose(1, 2);  // [B, nh, T, D]
-    k = k.transpose(1, 2);  // [B, nkv, T, D]
-    q = q * cos + rotate_half(q) * sin;
-    k = k * cos + rotate_half(k) * sin;
-    if (opt.cache) {
-      opt.cache->k_[l].narrow(2, past, T).copy_(k);
-      opt.cache->v_[l].narrow(2, past, T).copy_(v);
-      k = opt.cache->k_[l].narrow(2, 0, S);
-      v = opt.cache->v_[l].narrow(2, 0, S);
-    }
-    at::Tensor attn = at::scaled_dot_product_attention(q, k, v, mask, 0.0, is_causal, scale, /*enable_gqa=*/nkv != nh);
-    attn = attn.transpose(1, 2).reshape({B, T, nh * D});
-    if (opt.hook && *opt.hook) (*opt.hook)(HookPoint::AttnOutput, l, attn);
-    x = residual + linear(attn, L.o_proj, opt.training);
-
-    residual = x;
-    h = rms_norm(x, L.post_attention_layernorm.weight, c.rms_norm_eps);
-    if (opt.hook && *opt.hook) (*opt.hook)(HookPoint::MlpInput, l, h);
-    at::Tensor act = activation(linear(h, L.gate_proj, opt.training), c.hidden_act) * linear(h, L.up_proj, opt.training);
-    if (opt.hook && *opt.hook) (*opt.hook)(HookPoint::MlpIntermediate, l, act);
-    if (opt.mlp_act) out.mlp_act.push_back(act);
-    x = residual + linear(act, L.down_proj, opt.training);
-    if (opt.hook && *opt.hook) (*opt.hook)(HookPoint::Residual, l, x);
+    x = checkpoint ? checkpointed_layer_forward(l, x, ctx) : layer_forward(l, x, ctx);  // [B, T, H]
     if (opt.hidden_states && l + 1 < c.num_hidden_layers) out.hidden_states.push_back(x);
   }
   if (opt.cache) opt.cache->length_ = S;
@@ -381,6 +708,66 @@ at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels) {
   at::Tensor shift_logits = logits.narrow(1, 0, logits.size(1) - 1).to(at::kFloat).reshape({-1, V});
   at::Tensor shift_labels = labels.to(logits.device()).narrow(1, 1, labels.size(1) - 1).reshape({-1});
   return at::cross_entropy_loss(shift_logits, shift_labels, /*weight=*/{}, at::Reduction::Mean, /*ignore_index=*/-100);
+}
+
+}  // namespace sparsecl::model
+
+// ---- random weights for shape benchmarks (Decoder::random) ------------------------------------------
+namespace sparsecl::model {
+
+Decoder Decoder::random(const ModelConfig& config, at::ScalarType dtype, at::Device device, uint64_t seed) {
+  Decoder d;
+  d.config_ = config;
+  d.source_ = "random:seed=" + std::to_string(seed);
+  d.dtype_ = dtype;
+  d.device_ = device;
+  const ModelConfig& c = d.config_;
+  const int64_t H = c.hidden_size, I = c.intermediate_size, D = c.head_dim, V = c.vocab_size;
+  const int64_t q = c.num_attention_heads * D, kv = c.num_key_value_heads * D;
+  const auto opts = at::TensorOptions().dtype(dtype).device(device);
+  // A private generator of the device's kind (the default one's type, reseeded): the global generators
+  // are left as they were. Draws happen in the checkpoint's tensor order (norms and biases draw nothing).
+  at::Generator gen = [&] {
+    at::Generator global = at::globalContext().defaultGenerator(device);
+    std::lock_guard<std::mutex> lock(global.mutex());
+    at::Generator g = global.clone();
+    g.set_current_seed(seed);
+    return g;
+  }();
+  auto normal = [&](at::IntArrayRef shape) { return at::empty(shape, opts).normal_(0.0, 0.02, gen); };
+  auto ones = [&](int64_t n) { return at::ones({n}, opts); };
+  auto linear = [&](int64_t out, int64_t in, bool bias) {
+    Linear l;
+    l.weight = normal({out, in});  // [out, in]
+    if (bias) l.bias = at::zeros({out}, opts);
+    return l;
+  };
+  d.embed_tokens_ = normal({V, H});  // [V, H]
+  d.layers_.resize(c.num_hidden_layers);
+  for (DecoderLayer& L : d.layers_) {
+    L.input_layernorm.weight = ones(H);
+    L.post_attention_layernorm.weight = ones(H);
+    L.q_proj = linear(q, H, c.qkv_bias);
+    L.k_proj = linear(kv, H, c.qkv_bias);
+    L.v_proj = linear(kv, H, c.qkv_bias);
+    L.o_proj = linear(H, q, c.o_bias);
+    if (c.qk_norm) {
+      L.q_norm.weight = ones(D);
+      L.k_norm.weight = ones(D);
+    }
+    L.gate_proj = linear(I, H, c.mlp_bias);
+    L.up_proj = linear(I, H, c.mlp_bias);
+    L.down_proj = linear(H, I, c.mlp_bias);
+  }
+  d.norm_.weight = ones(H);
+  if (!c.tie_word_embeddings) d.lm_head_ = normal({V, H});  // [V, H]
+  // RoPE frequencies exactly as load() derives them (rounded like HF when the config says bf16/fp16).
+  at::Tensor inv_freq = rope_inverse_frequencies(c);
+  if (c.torch_dtype == "bfloat16" || c.torch_dtype == "float16")
+    inv_freq = inv_freq.to(parse_dtype(c.torch_dtype)).to(at::kFloat);
+  d.inv_freq_ = inv_freq.to(dtype).to(at::kFloat).to(device);
+  d.build_parameter_table();
+  return d;
 }
 
 }  // namespace sparsecl::model

@@ -7,7 +7,10 @@
 #include "sparsecl/config/options.h"
 #include "sparsecl/io/safetensors.h"
 #include "sparsecl/model/lora.h"
+#include "sparsecl/train/mask.h"
 #include "sparsecl/train/methods.h"
+#include "sparsecl/train/migu.h"
+#include "sparsecl/train/orth.h"
 
 namespace sparsecl::train {
 
@@ -16,7 +19,10 @@ namespace fs = std::filesystem;
 std::unique_ptr<Method> make_method(const std::string& name, const config::Config& cfg, const StageContext& ctx) {
   if (name == "lora") return std::make_unique<LoraMethod>(lora_config_from(cfg), ctx.seed);
   if (name == "full") return std::make_unique<FullMethod>();
-  throw Error("unknown fine-tuning method '" + name + "' (expected lora or full)");
+  if (name == "mask") return make_mask_method(cfg, ctx);
+  if (name == "migu") return make_migu_method(cfg, ctx);
+  if (name == "orth") return make_orth_method(cfg, ctx);
+  throw Error("unknown fine-tuning method '" + name + "' (expected lora, full, mask, migu or orth)");
 }
 
 namespace {
@@ -37,11 +43,13 @@ void load_full_weights(model::Decoder& decoder, const fs::path& dir) {
 }  // namespace
 
 void apply_stage_output(model::Decoder& decoder, const std::string& name, const fs::path& dir) {
-  if (name == "lora") {
+  if (name == "lora" || name == "orth") {  // orth's product is a PEFT adapter too
     model::attach_lora(decoder, model::LoraAdapter::load(dir));
     model::merge_lora(decoder);
-  } else if (name == "full") {
+  } else if (name == "full" || name == "migu") {
     load_full_weights(decoder, dir);
+  } else if (name == "mask") {
+    apply_mask_output(decoder, dir);
   } else {
     throw Error("unknown fine-tuning method '" + name + "' in " + dir.string());
   }

@@ -129,9 +129,6 @@ std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch) {
 }
 
 TrainOptions TrainOptions::from_config(const config::Config& cfg, bool dense, int64_t num_examples) {
-  if (cfg.get<bool>("train.packing")) throw Error("train.packing: packing is not implemented yet (set train.packing=false)");
-  if (cfg.get<bool>("train.activation_checkpointing"))
-    throw Error("train.activation_checkpointing: not implemented yet (set train.activation_checkpointing=false)");
   if (cfg.get<std::string>("train.dtype") != "float32")
     throw Error("train.dtype: only float32 master parameters are implemented (got '" + cfg.get<std::string>("train.dtype") + "')");
   TrainOptions o;
@@ -152,6 +149,13 @@ TrainOptions TrainOptions::from_config(const config::Config& cfg, bool dense, in
   o.checkpoint_every = cfg.get<int64_t>("train.checkpoint_every");
   o.log_every = cfg.get<int64_t>("train.log_every");
   o.seed = static_cast<uint64_t>(cfg.get<int64_t>("train.seed"));
+  o.packing = cfg.get<bool>("train.packing");
+  o.max_length = cfg.get<int64_t>("train.max_length");
+  o.activation_checkpointing = cfg.get<bool>("train.activation_checkpointing");
+  if (o.packing && epochs > 0) {  // train() counts the packed micro-batches of an epoch
+    o.packed_epochs = epochs;
+    if (cfg.get<int64_t>("train.warmup_steps") == 0) o.warmup_ratio = cfg.get<double>("train.warmup_ratio");
+  }
   return o;
 }
 
@@ -159,7 +163,8 @@ json TrainOptions::to_json() const {
   return {{"steps", steps},           {"batch_size", batch_size}, {"grad_accum", grad_accum},
           {"lr", lr},                 {"warmup_steps", warmup_steps}, {"weight_decay", weight_decay},
           {"betas", {beta1, beta2}},  {"eps", eps},               {"clip", clip},
-          {"checkpoint_every", checkpoint_every}, {"log_every", log_every}, {"seed", seed}};
+          {"checkpoint_every", checkpoint_every}, {"log_every", log_every}, {"seed", seed},
+          {"packing", packing},       {"max_length", max_length}, {"activation_checkpointing", activation_checkpointing}};
 }
 
 double heldout_loss(const model::Decoder& decoder, const std::vector<data::Example>& examples, int64_t batch_size,
@@ -317,7 +322,8 @@ void write_manifest(const fs::path& out, const Method& method, const RunInfo& in
 }  // namespace
 
 TrainResult train(model::Decoder& decoder, Method& method, const std::vector<data::Example>& examples,
-                  const TrainOptions& o, const fs::path& out, const RunInfo& info) {
+                  const TrainOptions& options, const fs::path& out, const RunInfo& info) {
+  TrainOptions o = options;  // steps / warmup may be resolved below (epochs with packing)
   if (examples.empty()) throw Error("train: no training examples");
   if (o.steps < 1 || o.batch_size < 1 || o.grad_accum < 1 || o.log_every < 1)
     throw Error("train: steps, batch_size, grad_accum and log_every must be >= 1");
@@ -353,10 +359,6 @@ TrainResult train(model::Decoder& decoder, Method& method, const std::vector<dat
     truncate_log(log_path, st.step);
     log::info("resuming ", out.string(), " from ", resume_from.filename().string(), " (step ", st.step, ")");
   }
-  log::info("train ", method.name(), ": ", params.size(), " tensors, ", numel, " trainable parameters; ", examples.size(),
-            " examples, ", o.steps, " steps x ", o.grad_accum, " x ", o.batch_size, " sequences, lr ", o.lr);
-  write_manifest(out, method, info, o, "running", nullptr);
-
   // Examples without a loss target (e.g. a prompt truncated past max_length) only cost compute.
   std::vector<const data::Example*> usable;
   for (const auto& e : examples) {
@@ -380,6 +382,51 @@ TrainResult train(model::Decoder& decoder, Method& method, const std::vector<dat
     return *usable[static_cast<size_t>(order[static_cast<size_t>(slot % n)])];
   };
 
+  // Packing: rows of max_length tokens (default: the longest example). One packed micro-batch takes the
+  // examples from sample slot `cursor` on, first-fit into batch_size rows, until one fits in no row;
+  // it returns the rows and the number of slots taken (the data cursor advances by that).
+  int64_t pack_length = o.max_length;
+  if (o.packing) {
+    int64_t longest = 0;
+    for (const data::Example* e : usable) longest = std::max<int64_t>(longest, static_cast<int64_t>(e->ids.size()));
+    if (pack_length <= 0) pack_length = longest;
+    if (longest > pack_length)
+      throw Error("train.max_length: packing rows of " + std::to_string(pack_length) + " tokens cannot hold an example of " +
+                  std::to_string(longest) + " tokens (load the data with the same train.max_length)");
+  }
+  auto next_packed = [&](int64_t cursor, int64_t& taken) {
+    std::vector<const data::Example*> window;  // the examples from the cursor: more tokens than the rows hold
+    std::vector<int64_t> lengths;
+    for (int64_t slot = cursor, total = 0; total <= o.batch_size * pack_length; ++slot) {
+      window.push_back(&example_at(slot));
+      lengths.push_back(static_cast<int64_t>(window.back()->ids.size()));
+      total += lengths.back();
+    }
+    std::vector<std::vector<const data::Example*>> rows;
+    taken = 0;
+    for (const auto& row : data::pack_first_fit(lengths, o.batch_size, pack_length)) {
+      rows.emplace_back();
+      for (size_t i : row) rows.back().push_back(window[i]);
+      taken += static_cast<int64_t>(row.size());
+    }
+    return rows;
+  };
+  if (o.packing && o.packed_epochs > 0) {
+    // train.epochs with packing: count the packed micro-batches that consume epoch 0.
+    int64_t micro_batches = 0;
+    for (int64_t cursor = 0, taken = 0; cursor < n; cursor += taken, ++micro_batches) next_packed(cursor, taken);
+    o.steps = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(o.packed_epochs * static_cast<double>(micro_batches) /
+                                                                  static_cast<double>(o.grad_accum))));
+    if (o.warmup_ratio > 0) o.warmup_steps = static_cast<int64_t>(std::ceil(o.warmup_ratio * static_cast<double>(o.steps)));
+    log::info("train: ", o.packed_epochs, " epoch(s) of ", micro_batches, " packed micro-batches: ", o.steps, " steps");
+  }
+  log::info("train ", method.name(), ": ", params.size(), " tensors, ", numel, " trainable parameters; ", examples.size(),
+            " examples, ", o.steps, " steps x ", o.grad_accum, " x ", o.batch_size,
+            o.packing ? " packed rows of " + std::to_string(pack_length) + " tokens" : std::string(" sequences"),
+            ", lr ", o.lr, o.activation_checkpointing ? ", activation checkpointing" : "");
+  write_manifest(out, method, info, o, "running", nullptr);
+
+  method.before_training(decoder);
   std::ofstream log_file(log_path, std::ios::app);
   if (!log_file) throw Error(log_path.string() + ": cannot write");
   const int64_t end_step = o.stop_after > 0 ? std::min(o.steps, o.stop_after) : o.steps;
@@ -394,9 +441,16 @@ TrainResult train(model::Decoder& decoder, Method& method, const std::vector<dat
     std::vector<data::Batch> micro;
     int64_t label_tokens = 0, step_tokens = 0;
     for (int64_t m = 0; m < o.grad_accum; ++m) {
-      std::vector<data::Example> rows;
-      for (int64_t b = 0; b < o.batch_size; ++b) rows.push_back(example_at(st.samples_seen++));
-      micro.push_back(data::make_batch(rows, 0, rows.size(), o.pad_id));
+      if (o.packing) {
+        int64_t taken = 0;
+        auto rows = next_packed(st.samples_seen, taken);
+        st.samples_seen += taken;
+        micro.push_back(data::make_packed_batch(rows, o.pad_id));
+      } else {
+        std::vector<data::Example> rows;
+        for (int64_t b = 0; b < o.batch_size; ++b) rows.push_back(example_at(st.samples_seen++));
+        micro.push_back(data::make_batch(rows, 0, rows.size(), o.pad_id));
+      }
       label_tokens += micro.back().num_label_tokens;
       step_tokens += micro.back().num_tokens;
     }
@@ -407,14 +461,17 @@ TrainResult train(model::Decoder& decoder, Method& method, const std::vector<dat
       at::Tensor extra = m == 0 ? method.extra_loss(decoder, st.step) : at::Tensor();
       if (batch.num_label_tokens == 0 && !extra.defined()) continue;
       at::Tensor loss_total;
+      method.before_forward(batch);
       {
         AutocastGuard autocast(device);
         model::ForwardInput in;
         in.input_ids = batch.input_ids.to(device);            // [B, T]
         in.attention_mask = batch.attention_mask.to(device);  // [B, T]
+        if (batch.segment_ids.defined()) in.segment_ids = batch.segment_ids.to(device);  // [B, T] packed rows
         model::ForwardOptions fo;
         fo.training = true;
         fo.hook = hook;
+        fo.checkpoint_layers = o.activation_checkpointing;
         auto fwd = decoder.forward(in, fo);                                   // logits [B, T, V]
         if (batch.num_label_tokens > 0) {
           at::Tensor loss = model::causal_lm_loss(fwd.logits, batch.labels.to(device));  // scalar fp32
@@ -472,6 +529,9 @@ TrainResult train(model::Decoder& decoder, Method& method, const std::vector<dat
       log_file.flush();
       log::debug("step ", st.step, "/", o.steps, " loss ", loss, " lr ", lr, " grad_norm ", grad_norm);
     }
+    char postfix[64];
+    std::snprintf(postfix, sizeof postfix, "loss %.4f lr %.3g", loss, lr);
+    bar.set_postfix(postfix);
     bar.update(1, step_tokens);
     const bool periodic = o.checkpoint_every > 0 && st.step % o.checkpoint_every == 0;
     if (periodic || st.step == end_step) save_checkpoint(out, st, params, adam, method, info, o, device);

@@ -4,6 +4,8 @@
 // both published config.json forms.
 #include <gtest/gtest.h>
 
+#include <map>
+
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
@@ -203,8 +205,11 @@ TEST(ModelOptions, ActivationHookSeesMlpIntermediateAndResidual) {
   auto decoder = model::Decoder::load(kModels / "llama3", at::kFloat, at::kCPU);
   auto ref = io::load_safetensors(kModels / "llama3" / "reference.safetensors");
   std::vector<at::Tensor> mlp, residual;
-  model::ActivationHook hook = [&](model::HookPoint point, int64_t layer, const at::Tensor& t) {
-    (point == model::HookPoint::MlpIntermediate ? mlp : residual).push_back(t.detach().clone());
+  std::map<model::HookPoint, int> calls;
+  model::ActivationHook hook = [&](model::HookPoint point, int64_t, const at::Tensor& t) {
+    ++calls[point];
+    if (point == model::HookPoint::MlpIntermediate) mlp.push_back(t.detach().clone());
+    if (point == model::HookPoint::Residual) residual.push_back(t.detach().clone());
   };
   model::ForwardOptions opt;
   opt.hook = &hook;
@@ -216,6 +221,9 @@ TEST(ModelOptions, ActivationHookSeesMlpIntermediateAndResidual) {
   decoder.forward(in, opt);
   ASSERT_EQ(mlp.size(), 3u);
   ASSERT_EQ(residual.size(), 3u);
+  // Every projection's input is seen once per layer too.
+  for (auto p : {model::HookPoint::AttnInput, model::HookPoint::AttnOutput, model::HookPoint::MlpInput})
+    EXPECT_EQ(calls[p], 3);
   for (int i = 0; i < 3; ++i)
     EXPECT_LT(max_abs_diff(mlp[i], ref.at("mlp_act." + std::to_string(i)), in.attention_mask), 1e-4);
   // Residual after layer 0 is hidden_states[1] in HF's convention.

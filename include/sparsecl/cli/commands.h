@@ -13,6 +13,8 @@ void add_tokenize(CLI::App& root);
 void add_probe(CLI::App& root);
 void add_finetune(CLI::App& root);
 void add_eval(CLI::App& root);
+void add_run(CLI::App& root);
+void add_report(CLI::App& root);
 void add_bench(CLI::App& root);
 void add_config(CLI::App& root);
 

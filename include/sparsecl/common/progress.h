@@ -1,5 +1,6 @@
 // A small progress bar on stderr for long loops (probe, trainer, eval): done/total, items/s or
-// tokens/s, and ETA. Header-only and libtorch-free so that any translation unit can use it.
+// tokens/s, ETA, and a free-text postfix (the trainer's loss and lr). Header-only and libtorch-free
+// so that any translation unit can use it.
 //
 // On a terminal the bar redraws in place (at most ~5 times a second); when stderr is not a terminal
 // (CI logs, files) it prints a plain line every 10% instead, so logs stay short. Disabled bars print
@@ -13,6 +14,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <utility>
 
 namespace sparsecl {
 
@@ -42,6 +44,10 @@ class Progress {
       }
     }
   }
+
+  // Free text shown after the ETA from the next draw on (e.g. "loss 2.3141 lr 1.85e-04"); "" = none.
+  void set_postfix(std::string text) { postfix_ = std::move(text); }
+  const std::string& postfix() const { return postfix_; }
 
   // Draws the final state once (called by the destructor too).
   void finish() {
@@ -81,13 +87,15 @@ class Progress {
     else
       std::snprintf(rate, sizeof rate, "%.1f %s/s", el > 0 ? static_cast<double>(done_) / el : 0.0, unit_.c_str());
     const double eta = frac > 0 ? el * (1.0 - frac) / frac : -1.0;
-    std::fprintf(stderr, "%s%s [%s] %lld/%lld %s  %s  %s %s%s", tty_ ? "\r" : "", label_.c_str(), bar.c_str(),
+    // On a terminal the postfix may shrink between redraws: clear to the end of the line.
+    std::fprintf(stderr, "%s%s [%s] %lld/%lld %s  %s  %s %s%s%s%s%s", tty_ ? "\r" : "", label_.c_str(), bar.c_str(),
                  static_cast<long long>(done_), static_cast<long long>(total_), unit_.c_str(), rate,
-                 final ? "elapsed" : "ETA", final ? hms(el).c_str() : hms(eta).c_str(), tty_ && !final ? "" : "\n");
+                 final ? "elapsed" : "ETA", final ? hms(el).c_str() : hms(eta).c_str(), postfix_.empty() ? "" : "  ",
+                 postfix_.c_str(), tty_ ? "\033[K" : "", tty_ && !final ? "" : "\n");
     std::fflush(stderr);
   }
 
-  std::string label_, unit_;
+  std::string label_, unit_, postfix_;
   int64_t total_ = 0, done_ = 0, tokens_ = 0, last_decile_ = 0;
   bool enabled_ = true, tty_ = false, finished_ = false;
   Clock::time_point start_, last_draw_;

@@ -19,6 +19,12 @@
 // Batches are right-padded: input_ids [B,T] int64 (pad id), attention_mask [B,T] int64 (1 = real token),
 // labels [B,T] int64 (the token id where the loss mask is set, -100 elsewhere and on padding; the
 // causal_lm_loss convention: logits[:, t] predicts labels[:, t+1]). T = the longest example of the batch.
+//
+// Packing (train.packing): pack_first_fit puts several examples into each row of up to max_length tokens
+// and make_packed_batch builds the batch with segment_ids, from which the decoder keeps the examples
+// apart (block-diagonal causal attention, positions restarting at 0 per example); the first token of
+// each example is no loss target, so nothing is predicted across an example boundary. A packed batch
+// gives the loss and gradients of the same examples right-padded, with fewer padding tokens.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -78,10 +84,28 @@ struct Batch {
   int64_t num_tokens = 0;     // real tokens (sum of attention_mask)
   int64_t num_label_tokens = 0;  // loss targets that causal_lm_loss counts (labels != -100 at t >= 1)
   std::vector<int64_t> lengths;  // real length of each row
+  // Packed batches only: [B, T] int64, 0 = padding, k = the k-th example of the row (from 1);
+  // undefined for make_batch's one-example rows. The decoder's ForwardInput::segment_ids.
+  at::Tensor segment_ids;
 };
 
 // Right-pads examples[begin, end) into CPU tensors. `pad_id` fills the padding of input_ids.
 Batch make_batch(const std::vector<Example>& examples, size_t begin, size_t end, int64_t pad_id);
+
+// Greedy first-fit packing: the examples of `lengths` (token counts), in order, go each into the first of
+// at most `max_rows` rows that still has room for it (a row holds at most `max_length` tokens). Packing
+// stops at the first example that fits in no row, so the packed examples are always a prefix of the
+// order (the trainer's data cursor stays one counter); their count is the sum of the row sizes.
+// Returns the rows, each the indices into `lengths` of its examples in packing order. An example
+// longer than max_length is an Error (load_jsonl has truncated to train.max_length).
+std::vector<std::vector<size_t>> pack_first_fit(const std::vector<int64_t>& lengths, int64_t max_rows,
+                                                int64_t max_length);
+
+// A packed batch: row r holds the examples rows[r][0], rows[r][1], ... back to back, right-padded to the
+// longest row. input_ids / attention_mask as make_batch; segment_ids numbers the examples of each row
+// from 1; labels are the loss-masked ids except on every example's first token (-100: no example is a
+// target of the one before it), so num_label_tokens equals make_batch's over the same examples.
+Batch make_packed_batch(const std::vector<std::vector<const Example*>>& rows, int64_t pad_id);
 
 // The pad id to use with a tokenizer: its pad token, else its EOS, else 0 (padding is masked anyway).
 int64_t pad_id_for(const text::Tokenizer* tokenizer);

@@ -33,11 +33,28 @@ struct LoraDelta {
   double dropout = 0.0;  // applied to x in training mode only
 };
 
+// A compact update of a few output rows or input columns of a projection (the `mask` method's neuron
+// deltas): only those rows / columns change, stored as K dense rows / columns plus their indices
+// instead of a full-size masked copy. The projection then computes with W[index, :] + delta (rows) or
+// W[:, index] + delta (columns):
+//   rows    (columns = false): delta [K, in];  y[..., index] += x delta^T          (index_add, last dim)
+//   columns (columns = true):  delta [out, K]; y += x[..., index] delta^T
+struct IndexedDelta {
+  at::Tensor index;  // [K] int64 on the weight's device, distinct entries
+  at::Tensor delta;  // rows: [K, in]; columns: [out, K]; trainable ones are fp32 masters
+  bool columns = false;
+};
+
 struct Linear {
   at::Tensor weight;  // [out, in]
   at::Tensor bias;    // [out] or undefined
   std::vector<LoraDelta> lora;
+  std::vector<IndexedDelta> indexed;  // applied after the LoRA deltas
 };
+
+// Folds every indexed delta into the weight (W[index, :] += delta or W[:, index] += delta, in the
+// weight's dtype, no autograd) and removes them: the rows / columns outside `index` stay bit for bit.
+void merge_indexed_deltas(Linear& linear);
 
 struct RMSNorm {
   at::Tensor weight;  // [dim]
@@ -60,7 +77,8 @@ enum class HookPoint { AttnInput, AttnOutput, MlpInput, MlpIntermediate, Residua
 // The hook point whose tensor is the input of projection `proj` ("q_proj", ..., "down_proj").
 HookPoint input_hook_point(const std::string& proj);
 // Called during forward with (point, layer index, tensor). The tensor is the live activation: a hook
-// may read it, accumulate statistics from it, or register an autograd hook on it.
+// may read it, accumulate statistics from it, or register an autograd hook on it (not with
+// ForwardOptions::checkpoint_layers: the hook then sees the activations of the no-grad first pass).
 using ActivationHook = std::function<void(HookPoint, int64_t layer, const at::Tensor&)>;
 
 // Preallocated key/value cache for incremental decoding: per layer [B, kv_heads, capacity, head_dim].
@@ -79,7 +97,12 @@ class KVCache {
 struct ForwardInput {
   at::Tensor input_ids;       // [B, T] int64
   at::Tensor attention_mask;  // optional [B, past + T], 1 = real token (right or left padding)
-  at::Tensor position_ids;    // optional [B, T]; default past + arange(T)
+  at::Tensor position_ids;    // optional [B, T]; default past + arange(T), or restarting at 0 per segment
+  // Optional [B, T] int64 for packed rows (data::make_packed_batch): 0 = padding, 1..n = the example of
+  // the row a token belongs to. A token attends only to earlier tokens of its own segment (a
+  // block-diagonal causal mask) and, unless position_ids are given, positions restart at 0 in every
+  // segment, so each example computes exactly as if it were alone. Not with a KV cache.
+  at::Tensor segment_ids;
 };
 
 struct ForwardOptions {
@@ -89,6 +112,15 @@ struct ForwardOptions {
   bool training = false;       // enables LoRA dropout
   KVCache* cache = nullptr;    // read and extended when given
   const ActivationHook* hook = nullptr;
+  // Activation checkpointing (training, grad mode on): each decoder layer runs without autograd and
+  // keeps only its input; the backward pass recomputes it (same dropout masks: the CPU/CUDA generator
+  // states are replayed) and backpropagates through the recomputation. Activation memory drops from
+  // every intermediate of every layer to one [B, T, H] per layer, for about one more forward of
+  // compute. The hook runs once per layer in the first pass, on tensors without autograd history
+  // (it cannot register autograd hooks on them), and not during the recomputation. Not with a cache.
+  // Gradients reach every tensor of the layer that requires grad (the norms' and projections'
+  // weights and biases, LoRA A / B, indexed deltas) through the autograd graph as usual.
+  bool checkpoint_layers = false;
 };
 
 struct ForwardOutput {
@@ -105,6 +137,17 @@ class Decoder {
   // throws sparsecl::Error naming the file and tensor, and nothing is half-loaded. Tensors the model
   // does not use are named in a warning.
   static Decoder load(const std::filesystem::path& dir, at::ScalarType dtype, at::Device device);
+
+  // Movable (the parameter table, which points into the object, is rebuilt); not copyable.
+  Decoder(Decoder&& other) noexcept;
+  Decoder& operator=(Decoder&& other) noexcept;
+  Decoder(const Decoder&) = delete;
+  Decoder& operator=(const Decoder&) = delete;
+  // A decoder of `config`'s shape with random weights made directly in `dtype` on `device` (no
+  // checkpoint): projections, embeddings and the LM head ~ N(0, 0.02^2), norm weights 1, biases 0.
+  // Drawn in HF tensor-name order from one generator of the device's kind seeded with `seed`, so one
+  // seed gives the same weights on one device. For shape benchmarks (`sparsecl bench model`).
+  static Decoder random(const ModelConfig& config, at::ScalarType dtype, at::Device device, uint64_t seed);
 
   ForwardOutput forward(const ForwardInput& input, const ForwardOptions& options = {}) const;
 
@@ -127,6 +170,24 @@ class Decoder {
   void build_parameter_table();
   at::Tensor linear(const at::Tensor& x, const Linear& l, bool training) const;
   std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& position_ids) const;  // cos, sin [B,T,D] fp32
+
+  // What every layer of one forward call shares (built once by forward()).
+  struct LayerContext {
+    int64_t B = 0, T = 0, past = 0, S = 0;   // batch, new tokens, cached tokens, keys visible (past + T)
+    at::Tensor cos, sin;                     // [B, 1, T, D] RoPE tables in the compute dtype
+    std::optional<at::Tensor> mask;          // [B or 1, 1, T, S] boolean (true = may attend), or none
+    bool is_causal = false;                  // plain causal attention (no mask)
+    bool training = false;                   // LoRA dropout on
+    KVCache* cache = nullptr;
+    const ActivationHook* hook = nullptr;    // null during a checkpoint recomputation
+    std::vector<at::Tensor>* mlp_act = nullptr;  // receives the MLP intermediate [B, T, I], or null
+  };
+  // Decoder layer `l`: x [B, T, H] -> the residual stream after the layer [B, T, H]; calls the hook at
+  // AttnInput, AttnOutput, MlpInput, MlpIntermediate and Residual, writes the layer's keys / values into
+  // the cache when there is one.
+  at::Tensor layer_forward(int64_t l, const at::Tensor& x, const LayerContext& ctx) const;
+  // layer_forward under activation checkpointing (ForwardOptions::checkpoint_layers).
+  at::Tensor checkpointed_layer_forward(int64_t l, const at::Tensor& x, const LayerContext& ctx) const;
 
   ModelConfig config_;
   std::filesystem::path source_;

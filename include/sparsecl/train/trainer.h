@@ -64,6 +64,13 @@ class Method {
   virtual at::Tensor extra_loss(model::Decoder& /*decoder*/, int64_t /*step*/) { return {}; }
   // An activation hook installed in every training forward (MIGU's activation norms); nullptr = none.
   virtual const model::ActivationHook* activation_hook() { return nullptr; }
+  // Once per train() call, after setup() and (on a resume) after the checkpoint and load_state() were
+  // restored, before the first step: preparation a resume must not redo (mask: probe the stage's data
+  // and select its neurons, unless load_state() restored the selection).
+  virtual void before_training(model::Decoder& /*decoder*/) {}
+  // With every micro-batch (host tensors, as data::make_batch built them) just before its forward pass
+  // (MIGU: which positions are real tokens, from batch.attention_mask).
+  virtual void before_forward(const data::Batch& /*batch*/) {}
 
   // Method state beyond the trainable tensors (masks, bases, ...) in a checkpoint directory. The
   // trainer saves and restores the trainable tensors and the optimizer itself.
@@ -104,12 +111,28 @@ struct TrainOptions {
   bool resume = false;          // continue from the newest checkpoint in output/checkpoints
   int64_t stop_after = 0;       // > 0: stop (after checkpointing) once this many steps are done, as if
                                 // the job had been cut off; for tests and time-limited jobs
-  bool progress = true;         // progress bar on stderr
+  bool progress = true;         // progress bar on stderr (shows the last step's loss and lr)
   int64_t pad_id = 0;           // padding id of the batches (masked anyway)
+  // Packing (train.packing): a micro-batch is batch_size rows of up to max_length tokens, each holding
+  // several whole examples (data::pack_first_fit, data::make_packed_batch; the decoder keeps them
+  // apart). The micro-batch takes examples from the data cursor in order, each into the first row with
+  // room, until the next example fits in no row (it opens the next micro-batch): the cursor counts
+  // examples, with and without packing, so checkpoints resume exactly.
+  bool packing = false;
+  int64_t max_length = 0;       // row length with packing (train.max_length); 0 = the longest example
+  // Activation checkpointing (train.activation_checkpointing): every training forward recomputes each
+  // decoder layer in backward (model::ForwardOptions::checkpoint_layers): activation memory of one layer
+  // instead of all, for one more forward of the layers (~+33% per step for full, ~+50% for LoRA).
+  bool activation_checkpointing = false;
+  // Set by from_config for train.epochs with packing, where the steps of an epoch depend on how the
+  // examples pack: train() then sets steps = ceil(epochs * packed micro-batches of epoch 0 / grad_accum)
+  // and, when warmup_ratio > 0 (train.warmup_steps = 0), warmup_steps = ceil(warmup_ratio * steps).
+  double packed_epochs = 0;
+  double warmup_ratio = 0;
 
   // From the resolved config: train.* keys (steps / epochs over `num_examples`, warmup ratio or steps,
-  // lr or lr_dense per `dense`). Options we do not implement (packing, activation checkpointing,
-  // train.dtype other than float32) are a sparsecl::Error naming the key.
+  // lr or lr_dense per `dense`, packing + max_length, activation checkpointing). train.dtype other
+  // than float32 is a sparsecl::Error naming the key.
   static TrainOptions from_config(const config::Config& cfg, bool dense, int64_t num_examples);
   nlohmann::json to_json() const;
 };

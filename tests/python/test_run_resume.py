@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""`sparsecl run` killed with SIGKILL at several moments and started again finishes the same work.
+
+A tiny random-weight llama (hidden 32, 2 layers) with the default model's real tokenizer keeps every step
+fast; the data are the bundled domain files. Two stages (code -> math), methods lora and full, short
+training with a checkpoint every step, small evaluations, drift on.
+
+1. A reference run, uninterrupted, into ref/.
+2. The same config into killed/: the process is killed with SIGKILL as soon as each of a series of
+   milestones appears (the base probe, the base evaluation, a training checkpoint inside stage 1, a
+   finished stage, ...), then started again with the same arguments; finally it is left to finish.
+3. Checks: every run finished (sweep.json, metrics.json per run, report.html); no temporary files are
+   left; every JSON output parses; R, held-out losses, ACC/BWT/FWT/F and the step logs equal the
+   reference bit for bit (CPU, one seed: the whole pipeline is deterministic); completed stages were not
+   redone (their done.json kept its first modification time across later restarts).
+4. A second config with a different hash is refused in the same output directory.
+
+Args: --binary, --shared (unused), --repo. Exit 77 (ctest skip) when numpy / safetensors are missing or
+the default model's tokenizer is absent (run scripts/setup.sh first).
+"""
+import argparse
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def make_tiny_model(repo: str, out: str) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    src = os.path.join(repo, "models", "smollm2-135m-instruct")
+    os.makedirs(out)
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    cfg.update({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": 8, "tie_word_embeddings": True})
+    json.dump(cfg, open(os.path.join(out, "config.json"), "w"), indent=2)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if os.path.exists(os.path.join(src, f)):
+            with open(os.path.join(src, f), "rb") as a, open(os.path.join(out, f), "wb") as b:
+                b.write(a.read())
+    rng = np.random.default_rng(0)
+    H, I, V, L = 32, 64, cfg["vocab_size"], 2
+    t = {"model.embed_tokens.weight": rng.normal(0, 0.02, (V, H)), "model.norm.weight": np.ones(H)}
+    for l in range(L):
+        p = f"model.layers.{l}."
+        t[p + "input_layernorm.weight"] = np.ones(H)
+        t[p + "post_attention_layernorm.weight"] = np.ones(H)
+        for name, shape in (("self_attn.q_proj", (32, H)), ("self_attn.k_proj", (16, H)), ("self_attn.v_proj", (16, H)),
+                            ("self_attn.o_proj", (H, 32)), ("mlp.gate_proj", (I, H)), ("mlp.up_proj", (I, H)),
+                            ("mlp.down_proj", (H, I))):
+            t[p + name + ".weight"] = rng.normal(0, 0.1, shape)
+    save_file({k: v.astype(np.float32) for k, v in t.items()}, os.path.join(out, "model.safetensors"))
+
+
+CONFIG = """
+model: {model}
+stages: [code, math]
+methods: [lora, full]
+seeds: [0]
+output: {output}
+probe:
+  domains: [code, math]
+  max_samples: 4
+  batch_size: 2
+  max_length: 32
+  permutations: 5
+  token_pairs: 20
+  stage_samples: 2
+train:
+  steps: 3
+  batch_size: 2
+  max_length: 192
+  warmup_steps: 1
+  checkpoint_every: 1
+  log_every: 1
+lora:
+  r: 2
+  alpha: 4
+  dropout: 0.1
+eval:
+  max_samples: 2
+  heldout_samples: 2
+  batch_size: 2
+  max_length: 256
+  max_new_tokens: 4
+  drift_samples: 3
+"""
+
+
+def run(binary, cfg, repo, extra=(), timeout=600):
+    return subprocess.Popen([binary, "run", cfg, "--no-progress", *extra], cwd=repo,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_when(proc, predicate, limit=300):
+    """SIGKILL `proc` as soon as predicate() holds; False if the process ended first."""
+    t0 = time.time()
+    while time.time() - t0 < limit:
+        if predicate():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    proc.kill()
+    raise RuntimeError("milestone not reached in time")
+
+
+def load_jsons(root):
+    out = {}
+    for path in glob.glob(os.path.join(root, "**", "*.json"), recursive=True):
+        with open(path) as f:
+            out[os.path.relpath(path, root)] = json.load(f)  # raises on a corrupt file
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--binary", required=True)
+    ap.add_argument("--shared", default="")
+    ap.add_argument("--repo", required=True)
+    args = ap.parse_args()
+    try:
+        import numpy  # noqa: F401
+        import safetensors  # noqa: F401
+    except ImportError as e:
+        print(f"skip: {e}")
+        return 77
+    if not os.path.exists(os.path.join(args.repo, "models", "smollm2-135m-instruct", "tokenizer.json")):
+        print("skip: models/smollm2-135m-instruct absent (scripts/setup.sh converts it)")
+        return 77
+
+    failures = []
+    with tempfile.TemporaryDirectory(prefix="sparsecl_run_") as tmp:
+        model = os.path.join(tmp, "tiny")
+        make_tiny_model(args.repo, model)
+        cfgs = {}
+        for name in ("ref", "killed"):
+            cfgs[name] = os.path.join(tmp, f"{name}.yaml")
+            with open(cfgs[name], "w") as f:
+                f.write(CONFIG.format(model=model, output=os.path.join(tmp, name)))
+
+        t0 = time.time()
+        p = run(args.binary, cfgs["ref"], args.repo)
+        out, _ = p.communicate(timeout=900)
+        if p.returncode != 0:
+            print(out)
+            print("FAIL: reference run exited", p.returncode)
+            return 1
+        print(f"reference run: {time.time() - t0:.1f} s")
+
+        k = os.path.join(tmp, "killed")
+        milestones = [
+            ("base probe written", lambda: os.path.exists(f"{k}/probe/probe.json")),
+            ("base evaluation written", lambda: os.path.exists(f"{k}/base/eval.json")),
+            ("lora stage 1 checkpoint", lambda: glob.glob(f"{k}/lora-seed0/stages/1-code/train/checkpoints/step-*")),
+            ("lora stage 1 done", lambda: os.path.exists(f"{k}/lora-seed0/stages/1-code/done.json")),
+            ("lora stage 2 training log", lambda: os.path.exists(f"{k}/lora-seed0/stages/2-math/train/train_log.jsonl")),
+            ("full stage 1 checkpoint", lambda: glob.glob(f"{k}/full-seed0/stages/1-code/train/checkpoints/step-*")),
+            ("full stage 2 eval", lambda: os.path.exists(f"{k}/full-seed0/stages/2-math/eval.json")),
+        ]
+        done_mtimes = {}
+        kills = 0
+        for label, pred in milestones:
+            p = run(args.binary, cfgs["killed"], args.repo)
+            killed = kill_when(p, pred)
+            kills += killed
+            print(f"{'killed at' if killed else 'finished before'}: {label}")
+            for d in glob.glob(f"{k}/*/stages/*/done.json"):
+                m = os.stat(d).st_mtime_ns
+                if d in done_mtimes and done_mtimes[d] != m:
+                    failures.append(f"{d} was rewritten after a restart (a completed stage was redone)")
+                done_mtimes.setdefault(d, m)
+        p = run(args.binary, cfgs["killed"], args.repo)
+        out, _ = p.communicate(timeout=900)
+        if p.returncode != 0:
+            print(out)
+            print("FAIL: final resumed run exited", p.returncode)
+            return 1
+        print(f"{kills} kills")
+        if kills < 4:
+            failures.append(f"only {kills} milestones were hit before the run finished; the test did not test resume")
+
+        ref, got = load_jsons(os.path.join(tmp, "ref")), load_jsons(k)
+        leftovers = [f for f in glob.glob(f"{k}/**/*", recursive=True) if ".tmp" in os.path.basename(f)]
+        if leftovers:
+            failures.append(f"temporary files left: {leftovers[:5]}")
+        for f in ("sweep.json", "lora-seed0/metrics.json", "full-seed0/metrics.json", "report/report.html"):
+            if not os.path.exists(os.path.join(k, f)):
+                failures.append(f"{f} missing after the resumed run")
+        for run_name in ("lora-seed0", "full-seed0"):
+            a, b = ref.get(f"{run_name}/metrics.json"), got.get(f"{run_name}/metrics.json")
+            if not a or not b:
+                continue
+            for key in ("R", "heldout_loss", "ACC", "BWT", "FWT", "F", "forgetting", "general"):
+                if a.get(key) != b.get(key):
+                    failures.append(f"{run_name} metrics.json {key}: {b.get(key)} != reference {a.get(key)}")
+            if [d.get("layers") for d in a.get("drift", [])] != [d.get("layers") for d in b.get("drift", [])]:
+                failures.append(f"{run_name} drift differs from the reference")
+            for stage in ("1-code", "2-math"):
+                la = open(f"{tmp}/ref/{run_name}/stages/{stage}/train/train_log.jsonl").read().splitlines()
+                lb = open(f"{k}/{run_name}/stages/{stage}/train/train_log.jsonl").read().splitlines()
+                strip = lambda ls: [{kk: vv for kk, vv in json.loads(l).items() if kk not in ("tokens_per_s",)} for l in ls]
+                if strip(la) != strip(lb):
+                    failures.append(f"{run_name} {stage} step log differs from the reference")
+
+        # A different config must not write into this directory.
+        other = os.path.join(tmp, "other.yaml")
+        with open(other, "w") as f:
+            f.write(CONFIG.format(model=model, output=k).replace("steps: 3", "steps: 4"))
+        r = subprocess.run([args.binary, "run", other, "--no-progress"], cwd=args.repo, capture_output=True, text=True)
+        if r.returncode == 0 or "another config" not in (r.stdout + r.stderr):
+            failures.append("a run with a different config was not refused in the same directory")
+
+    for f in failures:
+        print("FAIL:", f)
+    print("ok" if not failures else f"{len(failures)} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
