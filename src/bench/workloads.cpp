@@ -24,6 +24,7 @@
 #include <random>
 
 #include "sparsecl/common/error.h"
+#include "sparsecl/common/files.h"
 #include "sparsecl/common/log.h"
 #include "sparsecl/data/dataset.h"
 #include "sparsecl/io/provenance.h"
@@ -107,19 +108,6 @@ std::vector<data::Example> random_examples(int64_t count, int64_t length, int64_
   return out;
 }
 
-// rm -rf without std::filesystem::remove_all (see tests/core/test_dataset.cpp on remove_all in this build).
-void remove_tree(const fs::path& p) {
-  struct stat sb;
-  if (::lstat(p.c_str(), &sb) != 0) return;
-  if (S_ISDIR(sb.st_mode)) {
-    std::vector<fs::path> children;
-    for (const auto& e : fs::directory_iterator(p)) children.push_back(e.path());
-    for (const auto& c : children) remove_tree(c);
-    ::rmdir(p.c_str());
-  } else {
-    ::unlink(p.c_str());
-  }
-}
 
 model::LoraConfig all_projections_lora(int64_t r, double alpha) {
   model::LoraConfig c;

@@ -1,8 +1,12 @@
 // Whole-file reading with file-naming errors (see include/sparsecl/common/files.h).
 #include "sparsecl/common/files.h"
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <fstream>
 #include <sstream>
+#include <vector>
 
 #include "sparsecl/common/error.h"
 
@@ -34,6 +38,19 @@ void write_file_atomic(const std::filesystem::path& path, const std::string& tex
     if (!out.flush()) throw Error(tmp.string() + ": write failed");
   }
   std::filesystem::rename(tmp, path);
+}
+
+void remove_tree(const std::filesystem::path& p) {
+  struct stat sb;
+  if (::lstat(p.c_str(), &sb) != 0) return;
+  if (S_ISDIR(sb.st_mode)) {
+    std::vector<std::filesystem::path> children;
+    for (const auto& e : std::filesystem::directory_iterator(p)) children.push_back(e.path());
+    for (const auto& c : children) remove_tree(c);
+    if (::rmdir(p.c_str()) != 0) throw Error(p.string() + ": cannot remove directory");
+  } else if (::unlink(p.c_str()) != 0) {
+    throw Error(p.string() + ": cannot remove");
+  }
 }
 
 }  // namespace sparsecl

@@ -616,14 +616,21 @@ Inputs collect_inputs(const std::vector<fs::path>& paths) {
     if (fs::is_regular_file(p / "metrics.json")) {
       add_run(p);
       known = true;
-    } else if (fs::is_regular_file(p / "sweep.json")) {
-      known = true;
-      in.sweeps.push_back({p, read_json_file(p / "sweep.json", "sweep.json")});
+    } else {
+      // A sweep directory: sweep.json when it finished; an interrupted sweep still shows its finished runs.
       std::vector<fs::path> subdirs;
       for (const auto& e : fs::directory_iterator(p))
         if (e.is_directory() && fs::is_regular_file(e.path() / "metrics.json")) subdirs.push_back(e.path());
       std::sort(subdirs.begin(), subdirs.end());
-      if (subdirs.empty()) in.notes.push_back("Sweep " + p.string() + " holds no run subdirectory with a metrics.json yet.");
+      if (fs::is_regular_file(p / "sweep.json")) {
+        known = true;
+        in.sweeps.push_back({p, read_json_file(p / "sweep.json", "sweep.json")});
+        if (subdirs.empty()) in.notes.push_back("Sweep " + p.string() + " holds no run subdirectory with a metrics.json yet.");
+      } else if (!subdirs.empty()) {
+        known = true;
+        in.notes.push_back("Sweep " + p.string() + " has no sweep.json (not finished): showing the " +
+                           std::to_string(subdirs.size()) + " run(s) that have a metrics.json.");
+      }
       for (const auto& d : subdirs) add_run(d);
     }
     if (add_probe(p / "probe.json")) known = true;

@@ -175,6 +175,8 @@ json run_one(const config::Config& sweep_cfg, const std::string& config_source, 
   std::unique_ptr<eval::Representations> base_reps;
   if (!drift_set.empty()) base_reps = std::make_unique<eval::Representations>(eval::load_representations(root / "base" / "representations.safetensors"));
 
+  const bool is_adapter_method = method_name == "lora" || method_name == "orth";
+  const bool merge_adapters = cfg.get<bool>("lora.merge");
   std::vector<json> rows = {read_json_file(root / "base" / "eval.json", "base evaluation")};
   std::vector<fs::path> previous;
   json stage_log = json::array();
@@ -184,7 +186,8 @@ json run_one(const config::Config& sweep_cfg, const std::string& config_source, 
     const fs::path train_dir = sd / "train";
     if (fs::exists(sd / "done.json")) {
       log::info("run[", method_name, ", seed ", seed, "]: stage ", i + 1, " (", domain, ") already done; applying it");
-      train::apply_stage_output(*m.decoder, method_name, train_dir);
+      remove_tree(train_dir / "checkpoints");  // left over when a kill came right after done.json
+      train::apply_stage_output(*m.decoder, method_name, train_dir, merge_adapters);
       previous.push_back(train_dir);
       rows.push_back(read_json_file(sd / "eval.json", "stage evaluation"));
       stage_log.push_back(read_json_file(sd / "done.json", "stage record"));
@@ -220,7 +223,8 @@ json run_one(const config::Config& sweep_cfg, const std::string& config_source, 
     info.base_model = previous.empty() ? cfg.get<std::string>("model") : previous.back().string();
     const auto result = train::train(*m.decoder, *method, examples, to, train_dir, info);
     method->finish_stage(*m.decoder, examples, train_dir);
-    method->merge_into_base(*m.decoder);
+    // lora.merge=false keeps the stage's adapter attached (frozen) under the next stage's new one.
+    if (merge_adapters || !is_adapter_method) method->merge_into_base(*m.decoder);
 
     if (stage_probes) {
       const auto top_after = stage_top_sets(cfg, m, examples, domain, static_cast<uint64_t>(seed), options.progress);
@@ -240,6 +244,9 @@ json run_one(const config::Config& sweep_cfg, const std::string& config_source, 
                        {"tokens_per_s", result.tokens_per_s},
                        {"seconds", seconds_since(t_stage)}};
     write_file_atomic(sd / "done.json", done.dump(2) + "\n");
+    // A done stage is rebuilt from its product, never from a checkpoint: free the disk (for full / migu
+    // a checkpoint is the weights plus two AdamW moments, ~16 bytes per parameter).
+    remove_tree(train_dir / "checkpoints");
     stage_log.push_back(done);
     previous.push_back(train_dir);
   }

@@ -42,10 +42,10 @@ void load_full_weights(model::Decoder& decoder, const fs::path& dir) {
 
 }  // namespace
 
-void apply_stage_output(model::Decoder& decoder, const std::string& name, const fs::path& dir) {
+void apply_stage_output(model::Decoder& decoder, const std::string& name, const fs::path& dir, bool merge_adapters) {
   if (name == "lora" || name == "orth") {  // orth's product is a PEFT adapter too
     model::attach_lora(decoder, model::LoraAdapter::load(dir));
-    model::merge_lora(decoder);
+    if (merge_adapters) model::merge_lora(decoder);
   } else if (name == "full" || name == "migu") {
     load_full_weights(decoder, dir);
   } else if (name == "mask") {

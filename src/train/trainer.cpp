@@ -71,20 +71,6 @@ struct Adam {
   int64_t t = 0;                 // updates done
 };
 
-// rm -rf without std::filesystem::remove_all (the PyPI libtorch.so interposes a copy of it that crashes;
-// see sparsecl_libstdcxx_first in CMakeLists.txt): children first, then the directory.
-void remove_tree(const fs::path& p) {
-  struct stat sb;
-  if (::lstat(p.c_str(), &sb) != 0) return;
-  if (S_ISDIR(sb.st_mode)) {
-    std::vector<fs::path> children;
-    for (const auto& e : fs::directory_iterator(p)) children.push_back(e.path());
-    for (const auto& c : children) remove_tree(c);
-    if (::rmdir(p.c_str()) != 0) throw Error(p.string() + ": cannot remove directory");
-  } else if (::unlink(p.c_str()) != 0) {
-    throw Error(p.string() + ": cannot remove");
-  }
-}
 
 fs::path checkpoint_root(const fs::path& out) { return out / "checkpoints"; }
 

@@ -18,4 +18,10 @@ nlohmann::json read_json_file(const std::filesystem::path& file, const std::stri
 // sees the old file or the new one, never half of one).
 void write_file_atomic(const std::filesystem::path& path, const std::string& text);
 
+// rm -rf of a file or directory tree (no-op when absent; symlinks are removed, not followed). Written
+// with lstat/unlink/rmdir instead of std::filesystem::remove_all: the PyPI libtorch.so exports its own
+// copy of that function, which crashes when it interposes libstdc++'s (see CMakeLists.txt). Throws
+// sparsecl::Error naming the path that could not be removed.
+void remove_tree(const std::filesystem::path& path);
+
 }  // namespace sparsecl

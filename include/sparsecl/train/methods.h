@@ -68,7 +68,10 @@ std::unique_ptr<Method> make_method(const std::string& name, const config::Confi
 // Applies a finished stage's product (the output directory `dir` of method `name`) to a decoder that
 // holds the model before that stage and merges it into the base weights: the model after the stage.
 // Used to rebuild the model when a sequence is resumed and to evaluate a stage from its directory.
-void apply_stage_output(model::Decoder& decoder, const std::string& name, const std::filesystem::path& dir);
+// With `merge_adapters` false (lora.merge=false), a lora / orth adapter stays attached (stacked, frozen)
+// instead of being merged, as the `run` driver keeps it between stages then.
+void apply_stage_output(model::Decoder& decoder, const std::string& name, const std::filesystem::path& dir,
+                        bool merge_adapters = true);
 
 // lora.* keys -> LoraConfig (r, alpha, dropout, rslora, target_modules).
 model::LoraConfig lora_config_from(const config::Config& cfg);
