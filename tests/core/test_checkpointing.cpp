@@ -26,6 +26,8 @@
 #include "sparsecl/train/methods.h"
 #include "sparsecl/train/trainer.h"
 
+#include "test_support.h"
+
 namespace fs = std::filesystem;
 using namespace sparsecl;
 using nlohmann::json;
@@ -36,16 +38,7 @@ const fs::path kData = fs::path(SPARSECL_TEST_DATA);
 const fs::path kModel = kData / "models" / "llama3";
 const fs::path kSmol = kData.parent_path().parent_path() / "models" / "smollm2-135m-instruct";
 
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("sparsecl_ckpt_" + tag + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::create_directories(path);
-  }
-  ~TempDir() { [[maybe_unused]] int rc = std::system(("rm -rf '" + path.string() + "'").c_str()); }
-};
+using testing_support::TempDir;
 
 std::vector<data::Example> examples(int64_t count, uint64_t seed, int64_t vocab = 512, int64_t min_len = 6,
                                     int64_t spread = 14) {

@@ -27,6 +27,8 @@
 #include "sparsecl/train/orth.h"
 #include "sparsecl/train/trainer.h"
 
+#include "test_support.h"
+
 namespace fs = std::filesystem;
 using namespace sparsecl;
 using nlohmann::json;
@@ -36,16 +38,7 @@ namespace {
 const fs::path kData = fs::path(SPARSECL_TEST_DATA);
 const fs::path kModel = kData / "models" / "llama3";
 
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("sparsecl_orth_" + tag + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::create_directories(path);
-  }
-  ~TempDir() { [[maybe_unused]] int rc = std::system(("rm -rf '" + path.string() + "'").c_str()); }
-};
+using testing_support::TempDir;
 
 // Pre-tokenized examples (vocab 512) of varying length with a learnable next-token pattern; `shift`
 // changes the pattern, so two "tasks" differ.

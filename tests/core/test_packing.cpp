@@ -18,6 +18,8 @@
 #include "sparsecl/train/methods.h"
 #include "sparsecl/train/trainer.h"
 
+#include "test_support.h"
+
 namespace fs = std::filesystem;
 using namespace sparsecl;
 using nlohmann::json;
@@ -26,16 +28,7 @@ namespace {
 
 const fs::path kModel = fs::path(SPARSECL_TEST_DATA) / "models" / "llama3";
 
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("sparsecl_packing_" + tag + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::create_directories(path);
-  }
-  ~TempDir() { [[maybe_unused]] int rc = std::system(("rm -rf '" + path.string() + "'").c_str()); }
-};
+using testing_support::TempDir;
 
 // Pre-tokenized examples of 5..20 tokens (vocab 512), the first two tokens of each outside the loss.
 std::vector<data::Example> examples(int64_t count, uint64_t seed) {

@@ -26,6 +26,8 @@
 #include "sparsecl/model/decoder.h"
 #include "sparsecl/probe/probe.h"
 
+#include "test_support.h"
+
 namespace fs = std::filesystem;
 using namespace sparsecl;
 using json = nlohmann::json;
@@ -35,19 +37,7 @@ namespace {
 const fs::path kData = fs::path(SPARSECL_TEST_DATA);
 const fs::path kRepo = kData.parent_path().parent_path();
 
-// A fresh directory per test, removed with `rm -rf` afterwards: std::filesystem::remove_all of a
-// non-empty directory crashed on the GPU machine's build (libtorch exports its own std::filesystem
-// copies; see sparsecl_libstdcxx_first in CMakeLists.txt), and a test helper should not depend on that.
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("sparsecl_probe_" + tag + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::create_directories(path);
-  }
-  ~TempDir() { [[maybe_unused]] int rc = std::system(("rm -rf '" + path.string() + "'").c_str()); }
-};
+using testing_support::TempDir;
 
 // `n` sequences of lengths 5..(5+n) with ids drawn from [lo, hi) (seeded).
 std::vector<data::Example> id_examples(int n, int64_t lo, int64_t hi, uint64_t seed) {

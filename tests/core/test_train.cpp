@@ -19,6 +19,8 @@
 #include "sparsecl/train/methods.h"
 #include "sparsecl/train/trainer.h"
 
+#include "test_support.h"
+
 namespace fs = std::filesystem;
 using namespace sparsecl;
 using nlohmann::json;
@@ -28,17 +30,7 @@ namespace {
 const fs::path kData = fs::path(SPARSECL_TEST_DATA);
 const fs::path kModel = kData / "models" / "llama3";
 
-// A fresh directory per test, removed with `rm -rf` (not std::filesystem::remove_all; see test_dataset.cpp).
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("sparsecl_train_" + tag + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::create_directories(path);
-  }
-  ~TempDir() { [[maybe_unused]] int rc = std::system(("rm -rf '" + path.string() + "'").c_str()); }
-};
+using testing_support::TempDir;
 
 // Pre-tokenized examples of varying length (vocab 512), with the first few tokens of each masked out
 // of the loss, as a prompt would be.
