@@ -14,7 +14,8 @@ namespace {
 using json = nlohmann::json;
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
-// Mean of the finite values; NaN when there is none.
+}  // namespace
+
 double finite_mean(const std::vector<double>& values) {
   double sum = 0;
   int64_t n = 0;
@@ -22,8 +23,6 @@ double finite_mean(const std::vector<double>& values) {
     if (std::isfinite(v)) sum += v, ++n;
   return n == 0 ? kNaN : sum / static_cast<double>(n);
 }
-
-}  // namespace
 
 json number_or_null(double value) { return std::isfinite(value) ? json(value) : json(nullptr); }
 

@@ -36,14 +36,6 @@ at::Tensor centred(const at::Tensor& x) {  // [N, p] -> columns minus their mean
 
 double squared_norm(const at::Tensor& x) { return x.square().sum().item<double>(); }
 
-double finite_mean(const std::vector<double>& values) {
-  double sum = 0;
-  int64_t n = 0;
-  for (double v : values)
-    if (std::isfinite(v)) sum += v, ++n;
-  return n == 0 ? kNaN : sum / static_cast<double>(n);
-}
-
 }  // namespace
 
 // ---- the measures -------------------------------------------------------------------------------------

@@ -428,11 +428,11 @@ void check_trainables_are_inputs(const at::Tensor& out, const std::vector<at::Te
   std::unordered_set<const torch::autograd::Node*> inputs_edges, seen;
   for (const at::Tensor& t : inputs)
     if (t.requires_grad()) inputs_edges.insert(torch::autograd::impl::gradient_edge(t).function.get());
-  std::vector<torch::autograd::Node*> todo;
-  if (out.grad_fn()) todo.push_back(out.grad_fn().get());
-  while (!todo.empty()) {
-    torch::autograd::Node* node = todo.back();
-    todo.pop_back();
+  std::vector<torch::autograd::Node*> unvisited;
+  if (out.grad_fn()) unvisited.push_back(out.grad_fn().get());
+  while (!unvisited.empty()) {
+    torch::autograd::Node* node = unvisited.back();
+    unvisited.pop_back();
     for (const torch::autograd::Edge& e : node->next_edges()) {
       torch::autograd::Node* f = e.function.get();
       if (!f || inputs_edges.count(f) || !seen.insert(f).second) continue;
@@ -440,7 +440,7 @@ void check_trainables_are_inputs(const at::Tensor& out, const std::vector<at::Te
         throw Error("activation checkpointing: decoder layer " + std::to_string(layer) +
                     " computes with a tensor that requires grad (shape " + shape_str(leaf->variable.sizes()) +
                     ") that layer_grad_tensors() in src/model/decoder.cpp does not list; add the field there");
-      todo.push_back(f);
+      unvisited.push_back(f);
     }
   }
 }

@@ -258,7 +258,7 @@ json run_one(const config::Config& sweep_cfg, const std::string& config_source, 
     json a = json::array();
     for (const auto& row : x) {
       json jr = json::array();
-      for (double v : row) jr.push_back(std::isnan(v) ? json(nullptr) : json(v));
+      for (double v : row) jr.push_back(eval::number_or_null(v));
       a.push_back(jr);
     }
     return a;

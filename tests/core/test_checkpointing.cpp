@@ -124,13 +124,13 @@ void expect_same(const Result& a, const Result& b, const std::vector<std::pair<s
 std::map<std::string, int> graph_nodes(const at::Tensor& t) {
   std::map<std::string, int> names;
   std::set<torch::autograd::Node*> seen;
-  std::vector<torch::autograd::Node*> todo{t.grad_fn().get()};
-  while (!todo.empty()) {
-    auto* n = todo.back();
-    todo.pop_back();
+  std::vector<torch::autograd::Node*> unvisited{t.grad_fn().get()};
+  while (!unvisited.empty()) {
+    auto* n = unvisited.back();
+    unvisited.pop_back();
     if (!n || !seen.insert(n).second) continue;
     if (n->name() != "torch::autograd::AccumulateGrad") ++names[n->name()];
-    for (const auto& e : n->next_edges()) todo.push_back(e.function.get());
+    for (const auto& e : n->next_edges()) unvisited.push_back(e.function.get());
   }
   return names;
 }

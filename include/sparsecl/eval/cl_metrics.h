@@ -46,5 +46,7 @@ std::vector<std::vector<double>> matrix_from_json(const nlohmann::json& R, const
 
 // A double as JSON: NaN / inf -> null.
 nlohmann::json number_or_null(double value);
+// Mean of the finite values (NaN / inf skipped); NaN when there is none.
+double finite_mean(const std::vector<double>& values);
 
 }  // namespace sparsecl::eval
