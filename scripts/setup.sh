@@ -31,6 +31,7 @@ say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 packages=(build-essential cmake ninja-build ccache git pkg-config python3 python3-venv python3-pip
   libsentencepiece-dev nlohmann-json3-dev libcli11-dev libspdlog-dev libyaml-cpp-dev libpcre2-dev
   libutf8proc-dev libgtest-dev libgmock-dev
+  libgloo-dev  # headers for libtorch's c10d Gloo backend (multi-process CPU jobs); its library is not linked
   chromium)  # headless Chromium renders the report in tests/python/test_report_html.py
 missing=()
 for p in "${packages[@]}"; do

@@ -3,6 +3,7 @@
 #include <exception>
 
 #include "sparsecl/cli/commands.h"
+#include "sparsecl/cli/distributed.h"
 #include "sparsecl/common/error.h"
 #include "sparsecl/common/log.h"
 
@@ -27,6 +28,12 @@ int main(int argc, char** argv) {
   sparsecl::cli::add_bench(app);
 
   try {
+    // Under torchrun / srun only the data-parallel subcommands may run (the first non-option word).
+    for (int i = 1; i < argc; ++i)
+      if (argv[i][0] != '-') {
+        sparsecl::cli::refuse_job_unless_data_parallel(argv[i]);
+        break;
+      }
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);

@@ -11,10 +11,12 @@
 #include <sstream>
 
 #include "sparsecl/cli/commands.h"
+#include "sparsecl/cli/distributed.h"
 #include "sparsecl/common/error.h"
 #include "sparsecl/common/files.h"
 #include "sparsecl/common/log.h"
 #include "sparsecl/config/schema.h"
+#include "sparsecl/dist/dist.h"
 #include "sparsecl/eval/evaluate.h"
 #include "sparsecl/io/provenance.h"
 #include "sparsecl/model/decoder.h"
@@ -91,6 +93,7 @@ void run_eval(const EvalArgs& a) {
   const std::string config_hash = config::fnv1a64_hex(cfg.to_json(true).dump() + cli.dump());
 
   const std::string device_name = a.given("--device") ? a.device : cfg.get<std::string>("device");
+  join_job(device_name);  // torchrun / srun: every scorer's batches are split over the job's processes
   log::info("eval: loading ", model_dir.string(), a.adapter.empty() ? "" : " + adapter " + a.adapter,
             a.merge ? " (merged)" : "");
   auto decoder = model::Decoder::load(model_dir, model::parse_dtype(cfg.get<std::string>("dtype")),
@@ -112,9 +115,11 @@ void run_eval(const EvalArgs& a) {
                           {"merged", a.merge},
                           {"seed", seeds.empty() ? json(nullptr) : json(seeds[0])},
                           {"versions", io::software_versions()}};
-  fs::create_directories(out);
-  write_file_atomic(out / "eval.json", result.dump(2) + "\n");
-  log::info("eval: wrote ", (out / "eval.json").string());
+  if (dist::is_main()) {
+    fs::create_directories(out);
+    write_file_atomic(out / "eval.json", result.dump(2) + "\n");
+    log::info("eval: wrote ", (out / "eval.json").string());
+  }
 }
 
 }  // namespace

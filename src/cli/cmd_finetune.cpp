@@ -15,11 +15,13 @@
 #include <fstream>
 
 #include "sparsecl/cli/commands.h"
+#include "sparsecl/cli/distributed.h"
 #include "sparsecl/common/error.h"
 #include "sparsecl/common/files.h"
 #include "sparsecl/common/log.h"
 #include "sparsecl/config/schema.h"
 #include "sparsecl/data/dataset.h"
+#include "sparsecl/dist/dist.h"
 #include "sparsecl/model/decoder.h"
 #include "sparsecl/text/tokenizer.h"
 #include "sparsecl/train/methods.h"
@@ -100,6 +102,7 @@ void run_finetune(const FinetuneArgs& a) {
     previous.push_back({manifest.at("method").get<std::string>(), p});
   }
   const std::string device_name = a.given("--device") ? a.device : cfg.get<std::string>("device");
+  join_job(device_name);  // torchrun / srun: data parallel over the job's processes
   auto decoder = model::Decoder::load(model_dir, model::parse_dtype(cfg.get<std::string>("dtype")),
                                       model::parse_device(device_name));
   for (const auto& [m, dir] : previous) {
@@ -151,7 +154,7 @@ void run_finetune(const FinetuneArgs& a) {
     heldout_json["config_hash"] = info.config_hash;
     heldout_json["tokens_per_s"] = result.tokens_per_s;
     log::info(cmd_name, ": held-out loss after ", after);
-    write_file_atomic(out / "heldout.json", heldout_json.dump(2) + "\n");
+    if (dist::is_main()) write_file_atomic(out / "heldout.json", heldout_json.dump(2) + "\n");
   }
 }
 

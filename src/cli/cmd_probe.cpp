@@ -11,6 +11,7 @@
 #include <map>
 
 #include "sparsecl/cli/commands.h"
+#include "sparsecl/cli/distributed.h"
 #include "sparsecl/common/error.h"
 #include "sparsecl/common/log.h"
 #include "sparsecl/config/schema.h"
@@ -88,6 +89,7 @@ void run_probe_cmd(const ProbeArgs& a) {
   info.config_hash = a.domains.empty() ? cfg.hash()
                                        : config::fnv1a64_hex(cfg.to_json(true).dump() + domain_json.dump() +
                                                              std::to_string(s.token_reservoir));
+  join_job(s.device);  // torchrun / srun: the domains' batches are split over the job's processes
   probe::run_probe(models, domains, s, cfg.get<std::string>("output"), info);
 }
 

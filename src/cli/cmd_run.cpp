@@ -3,6 +3,7 @@
 // through its stages, metrics.json per run, sweep.json, and the report. Started again with the same
 // arguments after an interruption, it finishes the work without redoing completed stages.
 #include "sparsecl/cli/commands.h"
+#include "sparsecl/cli/distributed.h"
 #include "sparsecl/config/schema.h"
 #include "sparsecl/run/driver.h"
 
@@ -30,6 +31,7 @@ void add_run(CLI::App& root) {
   cmd->callback([a, cmd] {
     config::Config cfg = config::load(a->config_file, a->overrides);
     if (cmd->count("--output")) cfg.set("output", a->output, "--output");
+    join_job(cfg.get<std::string>("device"));  // torchrun / srun: every stage runs data-parallel
     run::RunOptions o;
     o.progress = !a->no_progress;
     o.report = !a->no_report;

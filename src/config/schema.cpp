@@ -95,6 +95,8 @@ Options build() {
   i("train.checkpoint_every", 0, "save a resumable checkpoint every N steps; 0: only at the end of a stage", at_least(0));
   b("train.packing", false, "pack several records into each max_length sequence");
   i("train.seed", 0, "seed of one run (data order, init, dropout); `run` sets it from each of `seeds`", at_least(0));
+  i("train.bucket_mb", 25, "data parallel (torchrun / srun): gradients are summed over the ranks in buckets of about "
+    "this many MiB, each sent as soon as the backward pass has filled it", at_least(1));
   i("train.log_every", 10, "steps between step-log lines", at_least(1));
 
   // ---- lora (also the adapter of orth) ----

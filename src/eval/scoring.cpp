@@ -13,6 +13,7 @@
 #include "sparsecl/common/error.h"
 #include "sparsecl/common/log.h"
 #include "sparsecl/common/progress.h"
+#include "sparsecl/dist/dist.h"
 #include "sparsecl/data/dataset.h"
 #include "sparsecl/model/decoder.h"
 #include "sparsecl/model/generate.h"
@@ -71,9 +72,10 @@ LossResult heldout_loss(const model::Decoder& decoder, const text::Tokenizer* to
   double nll = 0;
   int64_t count = 0;
   const size_t bs = static_cast<size_t>(std::max<int64_t>(options.batch_size, 1));
-  Progress bar("loss " + file.filename().string(), static_cast<int64_t>(examples.size()), options.progress);
+  Progress bar("loss " + file.filename().string(), static_cast<int64_t>(examples.size()), options.progress && dist::is_main());
   for (size_t b = 0; b < examples.size(); b += bs) {
     const size_t e = std::min(examples.size(), b + bs);
+    if (!dist::owns(static_cast<int64_t>(b / bs))) continue;  // data parallel: batches round-robin
     const auto batch = data::make_batch(examples, b, e, pad);
     model::ForwardInput in;
     in.input_ids = batch.input_ids.to(decoder.device());            // [B, T]
@@ -91,6 +93,8 @@ LossResult heldout_loss(const model::Decoder& decoder, const text::Tokenizer* to
     bar.update(static_cast<int64_t>(e - b), batch.num_tokens);
   }
   bar.finish();
+  nll = dist::sum(nll);
+  count = dist::sum(count);
   LossResult r;
   r.examples = static_cast<int64_t>(examples.size());
   r.loss_tokens = count;
@@ -130,6 +134,7 @@ std::vector<double> continuation_logliks(const model::Decoder& decoder, const st
   const size_t bs = static_cast<size_t>(std::max<int64_t>(options.batch_size, 1));
   const int64_t max_len = options.max_length > 1 ? options.max_length : INT64_MAX;
   for (size_t b = 0; b < requests.size(); b += bs) {
+    if (!dist::owns(static_cast<int64_t>(b / bs))) continue;  // data parallel: batches round-robin
     const size_t e = std::min(requests.size(), b + bs);
     // Per row: the sequence fed (context + continuation minus its last token) and the continuation span.
     std::vector<std::vector<int64_t>> rows;
@@ -186,6 +191,11 @@ std::vector<double> continuation_logliks(const model::Decoder& decoder, const st
       off += cont_len[static_cast<size_t>(i)];
       out[b + static_cast<size_t>(i)] = s;
     }
+  }
+  if (dist::active()) {  // every rank filled its batches' entries, the others are 0: the sum is exact
+    at::Tensor all = at::tensor(out, at::TensorOptions().dtype(at::kDouble));  // [requests]
+    dist::all_reduce_sum(all);
+    std::copy(all.data_ptr<double>(), all.data_ptr<double>() + all.numel(), out.begin());
   }
   return out;
 }
@@ -338,20 +348,34 @@ std::vector<std::string> generate_texts(const model::Decoder& decoder, const tex
   model::GenerateOptions g;
   g.max_new_tokens = max_new_tokens;
   g.stop_ids = stop_ids_for(tokenizer);
-  std::vector<std::string> out;
   const size_t bs = static_cast<size_t>(std::max<int64_t>(options.batch_size, 1));
-  Progress bar(label, static_cast<int64_t>(prompts.size()), options.progress);
+  // Generated ids per prompt: [P, 1 + max_new_tokens] int64, column 0 the count. Data parallel: each rank
+  // fills the rows of its batches (round-robin), the all-reduce sums them with the others' zeros.
+  at::Tensor generated = at::zeros({static_cast<int64_t>(prompts.size()), 1 + max_new_tokens}, at::kLong);
+  auto gen_a = generated.accessor<int64_t, 2>();
+  Progress bar(label, static_cast<int64_t>(prompts.size()), options.progress && dist::is_main());
   for (size_t b = 0; b < prompts.size(); b += bs) {
+    if (!dist::owns(static_cast<int64_t>(b / bs))) continue;
     const std::vector<std::vector<int64_t>> chunk(prompts.begin() + static_cast<std::ptrdiff_t>(b),
                                                   prompts.begin() + static_cast<std::ptrdiff_t>(std::min(prompts.size(), b + bs)));
-    int64_t produced = 0;
+    int64_t produced = 0, row = static_cast<int64_t>(b);
     for (const auto& ids : model::greedy_generate(decoder, chunk, g)) {
-      out.push_back(tokenizer.decode(ids, true));
+      if (static_cast<int64_t>(ids.size()) > max_new_tokens)
+        throw Error("generate: " + std::to_string(ids.size()) + " new tokens exceed max_new_tokens (internal)");
+      gen_a[row][0] = static_cast<int64_t>(ids.size());
+      for (size_t t = 0; t < ids.size(); ++t) gen_a[row][static_cast<int64_t>(t) + 1] = ids[t];
       produced += static_cast<int64_t>(ids.size());
+      ++row;
     }
     bar.update(static_cast<int64_t>(chunk.size()), produced);
   }
   bar.finish();
+  dist::all_reduce_sum(generated);
+  std::vector<std::string> out;
+  for (int64_t i = 0; i < generated.size(0); ++i) {
+    const int64_t* row = generated[i].data_ptr<int64_t>();
+    out.push_back(tokenizer.decode(std::vector<int64_t>(row + 1, row + 1 + row[0]), true));
+  }
   return out;
 }
 
@@ -450,18 +474,31 @@ CodeResult score_code(const model::Decoder& decoder, const text::Tokenizer& toke
   }
   const auto outputs = generate_texts(decoder, tokenizer, prompts, code.max_new_tokens, options, "code");
   result.network_isolated = result.fs_isolated = result.pids_isolated = !records.empty();
+  // Data parallel: generation is split, execution is rank 0's (the sandbox is cheap next to generation),
+  // which sends every item's outcome [passed, network, fs, pids] to the others.
+  at::Tensor outcome = at::zeros({static_cast<int64_t>(records.size()), 4}, at::kLong);
   for (size_t i = 0; i < records.size(); ++i) {
     CodeItem item;
     item.output = outputs[i];
     item.program = build_program(records[i], outputs[i]);
-    const auto run = run_python_sandboxed(item.program, code.sandbox);
-    item.passed = run.passed;
-    item.sandbox = describe(run);
-    result.network_isolated = result.network_isolated && run.network_isolated;
-    result.fs_isolated = result.fs_isolated && run.fs_isolated;
-    result.pids_isolated = result.pids_isolated && run.pids_isolated;
-    result.score += item.passed;
+    if (dist::is_main()) {
+      const auto run = run_python_sandboxed(item.program, code.sandbox);
+      item.sandbox = describe(run);
+      outcome[static_cast<int64_t>(i)] = at::tensor(std::vector<int64_t>{run.passed, run.network_isolated, run.fs_isolated,
+                                                                         run.pids_isolated});
+    } else {
+      item.sandbox = "run by rank 0";
+    }
     result.items.push_back(std::move(item));
+  }
+  dist::broadcast(outcome);
+  for (size_t i = 0; i < records.size(); ++i) {
+    const auto o = outcome[static_cast<int64_t>(i)];
+    result.items[i].passed = o[0].item<int64_t>() != 0;
+    result.network_isolated = result.network_isolated && o[1].item<int64_t>() != 0;
+    result.fs_isolated = result.fs_isolated && o[2].item<int64_t>() != 0;
+    result.pids_isolated = result.pids_isolated && o[3].item<int64_t>() != 0;
+    result.score += result.items[i].passed;
   }
   if (!records.empty() && !result.network_isolated)
     log::warn("code scoring: generated programs ran WITHOUT network isolation (", result.items.front().sandbox, ")");

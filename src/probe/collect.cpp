@@ -2,16 +2,21 @@
 // the ActivationHook at HookPoint::MlpIntermediate on the model's device. Per batch, the host only
 // builds index lists it already knows (which flat positions are real tokens, which tokens enter the
 // reservoir): nothing is read back from the device until the pass ends.
+//
+// Data parallel (dist.h): batch j is rank j % world's. Every statistic is a sum or a count, or a row that
+// exactly one batch writes (per-sequence sums, reservoir slots), so the all-reduce at the end restores
+// the one-process values: counts, per-sequence sums and bitsets bit for bit, the fp64 sums of |h| up to
+// the order of their additions.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 
 #include <algorithm>
 #include <random>
-#include <unordered_map>
 
 #include "sparsecl/common/error.h"
 #include "sparsecl/common/log.h"
 #include "sparsecl/common/progress.h"
+#include "sparsecl/dist/dist.h"
 #include "sparsecl/kernels/neuron_stats.h"
 #include "sparsecl/kernels/topk.h"
 #include "sparsecl/model/decoder.h"
@@ -110,41 +115,54 @@ DomainStats collect_domain_stats(model::Decoder& decoder, const std::vector<data
   if (settings.gradient_overlap) grad_scope.emplace(decoder);
   at::Tensor loss_sum = at::zeros({}, f32.dtype(at::kDouble));  // scalar, on the device
 
-  std::mt19937_64 rng(derive_seed(seed, "reservoir"));
-  int64_t seen = 0;  // real tokens streamed so far (reservoir sampling, algorithm R)
-  Progress bar("probe " + name, n, settings.progress);
+  // The token reservoir (algorithm R over the real tokens in stream order), decided up front on the
+  // host: which (sequence, position) holds each slot at the end. Each batch then fills only the slots it
+  // holds at the end, so no slot is written twice and the result does not depend on who runs a batch.
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> reservoir_of_seq(n);  // per sequence: (slot, position)
+  {
+    std::mt19937_64 rng(derive_seed(seed, "reservoir"));
+    std::vector<std::pair<int64_t, int64_t>> holder(R, {-1, -1});  // per slot: (sequence, position)
+    int64_t seen = 0;  // real tokens streamed so far
+    for (int64_t i = 0; i < n && R > 0; ++i) {
+      for (int64_t t = 0; t < static_cast<int64_t>(examples[i].ids.size()); ++t, ++seen) {
+        const int64_t slot =
+            seen < R ? seen : static_cast<int64_t>(data::uniform_below(rng, static_cast<uint64_t>(seen) + 1));
+        if (slot < R) holder[slot] = {i, t};
+      }
+    }
+    for (int64_t slot = 0; slot < R; ++slot) {
+      st.reservoir_seq[slot] = holder[slot].first;
+      reservoir_of_seq[holder[slot].first].push_back({slot, holder[slot].second});
+    }
+  }
+
   const int64_t bs = std::max<int64_t>(settings.batch_size, 1);
+  int64_t own_sequences = 0;  // this rank's share, for the progress bar
+  for (int64_t start = 0; start < n; start += bs)
+    if (dist::owns(start / bs)) own_sequences += std::min(n, start + bs) - start;
+  Progress bar("probe " + name, own_sequences, settings.progress && dist::is_main());
 
   for (int64_t start = 0; start < n; start += bs) {
+    if (!dist::owns(start / bs)) continue;
     const int64_t end = std::min(n, start + bs);
     data::Batch batch = data::make_batch(examples, static_cast<size_t>(start), static_cast<size_t>(end), pad_id);
     const int64_t B = batch.input_ids.size(0), T = batch.input_ids.size(1);
 
     // Host-side index lists: flat positions (b*T + t) of real tokens and the global sequence of each;
-    // the reservoir's picks among them (a slot picked twice in one batch keeps the later token).
+    // the reservoir slots this batch's tokens hold.
     std::vector<int64_t> real, real_seq;
     real.reserve(batch.num_tokens);
     real_seq.reserve(batch.num_tokens);
-    std::unordered_map<int64_t, int64_t> slot_to_pos;
+    std::vector<int64_t> res_pos, res_slot;
     for (int64_t r = 0; r < B; ++r) {
       for (int64_t t = 0; t < batch.lengths[r]; ++t) {
         real.push_back(r * T + t);
         real_seq.push_back(start + r);
-        if (R > 0) {
-          const int64_t slot =
-              seen < R ? seen : static_cast<int64_t>(data::uniform_below(rng, static_cast<uint64_t>(seen) + 1));
-          if (slot < R) {
-            slot_to_pos[slot] = r * T + t;
-            st.reservoir_seq[slot] = start + r;
-          }
-        }
-        ++seen;
       }
-    }
-    std::vector<int64_t> res_pos, res_slot;
-    for (const auto& [slot, pos] : slot_to_pos) {
-      res_slot.push_back(slot);
-      res_pos.push_back(pos);
+      for (const auto& [slot, t] : reservoir_of_seq[start + r]) {
+        res_slot.push_back(slot);
+        res_pos.push_back(r * T + t);
+      }
     }
     const at::Tensor real_idx = index_tensor(real, dev);      // [N]
     const at::Tensor real_seq_idx = index_tensor(real_seq, dev);  // [N]
@@ -201,6 +219,17 @@ DomainStats collect_domain_stats(model::Decoder& decoder, const std::vector<data
     bar.update(B, batch.num_tokens);
   }
   bar.finish();
+  // Data parallel: put the ranks' shares together (no-ops in one process).
+  for (auto& ls : st.layers) {
+    dist::all_reduce_sum(ls.sum_abs);
+    dist::all_reduce_sum(ls.topk_count);
+    dist::all_reduce_sum(ls.seq_sum);
+    dist::all_reduce_sum(ls.reservoir);
+    if (settings.gradient_overlap) dist::all_reduce_sum(ls.grad);
+  }
+  dist::all_reduce_sum(loss_sum);
+  st.num_tokens = dist::sum(st.num_tokens);
+  st.loss_tokens = dist::sum(st.loss_tokens);
   st.seconds = bar.seconds();
   if (settings.gradient_overlap && st.loss_tokens > 0) {
     for (auto& ls : st.layers) ls.grad.div_(static_cast<double>(st.loss_tokens));

@@ -13,6 +13,7 @@
 #include "sparsecl/common/files.h"
 #include "sparsecl/common/log.h"
 #include "sparsecl/config/options.h"
+#include "sparsecl/dist/dist.h"
 #include "sparsecl/io/provenance.h"
 #include "sparsecl/io/safetensors.h"
 #include "sparsecl/model/decoder.h"
@@ -81,7 +82,7 @@ json run_probe(const std::vector<fs::path>& models, const std::vector<Domain>& d
   }
   for (const auto& m : models)
     if (!fs::exists(m / "config.json")) throw Error(m.string() + ": not a model directory (no config.json)");
-  fs::create_directories(output_dir);
+  if (dist::is_main()) fs::create_directories(output_dir);
 
   const at::Device device = model::parse_device(settings.device);
   const at::ScalarType dtype = model::parse_dtype(settings.dtype);
@@ -195,13 +196,16 @@ json run_probe(const std::vector<fs::path>& models, const std::vector<Domain>& d
       {"seed", settings.seed},
       {"versions", io::software_versions()}};
 
-  write_file_atomic(output_dir / "probe.json", doc.dump(1) + "\n");
-  io::save_safetensors(output_dir / "probe_stats.safetensors", raw,
-                       {{"producer", "sparsecl " SPARSECL_VERSION},
-                        {"config_hash", doc["provenance"]["config_hash"].get<std::string>()},
-                        {"score", score_name(settings.score)}});
-  log::info("probe: wrote ", (output_dir / "probe.json").string(), " and probe_stats.safetensors (", raw.size(),
-            " tensors)");
+  if (dist::is_main()) {  // data parallel: every rank holds the same reduced statistics; one writes
+    io::save_safetensors(output_dir / "probe_stats.safetensors", raw,
+                         {{"producer", "sparsecl " SPARSECL_VERSION},
+                          {"config_hash", doc["provenance"]["config_hash"].get<std::string>()},
+                          {"score", score_name(settings.score)}});
+    write_file_atomic(output_dir / "probe.json", doc.dump(1) + "\n");  // last: marks the probe complete
+    log::info("probe: wrote ", (output_dir / "probe.json").string(), " and probe_stats.safetensors (", raw.size(),
+              " tensors)");
+  }
+  dist::barrier();
   return doc;
 }
 

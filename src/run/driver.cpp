@@ -13,6 +13,7 @@
 #include "sparsecl/common/files.h"
 #include "sparsecl/common/log.h"
 #include "sparsecl/config/options.h"
+#include "sparsecl/dist/dist.h"
 #include "sparsecl/config/schema.h"
 #include "sparsecl/data/dataset.h"
 #include "sparsecl/eval/cl_metrics.h"
@@ -53,22 +54,34 @@ json provenance(const config::Config& cfg, const std::string& config_source, con
   return p;
 }
 
+// Data parallel (dist.h): every rank runs the driver and computes; rank 0 alone writes, and what is
+// already done on disk is decided by rank 0, so that every rank takes the same branch.
+bool exists_on_main(const fs::path& path) { return dist::main_says(fs::exists(path)); }
+// Rank 0 writes `file`; every rank returns once it is there.
+void publish(const fs::path& file, const std::string& text) {
+  if (dist::is_main()) write_file_atomic(file, text);
+  dist::barrier();
+}
+
 // A directory's claim file: created with the config hash the first time, and checked on every later
 // start so that two different configs never write into one directory.
 void claim(const fs::path& dir, const std::string& hash, const json& what) {
-  fs::create_directories(dir);
-  const fs::path file = dir / "run.json";
-  if (fs::exists(file)) {
-    const json j = read_json_file(file, "run state");
-    const std::string have = j.value("config_hash", "");
-    if (have != hash)
-      throw Error(dir.string() + " holds a run of another config (hash " + have + ", this config hashes to " + hash +
-                  "); use another output= or remove the directory");
-    return;
+  std::string refused;
+  if (dist::is_main()) {
+    fs::create_directories(dir);
+    const fs::path file = dir / "run.json";
+    if (fs::exists(file)) {
+      const std::string have = read_json_file(file, "run state").value("config_hash", "");
+      if (have != hash)
+        refused = dir.string() + " holds a run of another config (hash " + have + ", this config hashes to " + hash +
+                  "); use another output= or remove the directory";
+    } else {
+      json j = what;
+      j["config_hash"] = hash;
+      write_file_atomic(file, j.dump(2) + "\n");
+    }
   }
-  json j = what;
-  j["config_hash"] = hash;
-  write_file_atomic(file, j.dump(2) + "\n");
+  dist::check_all(refused.empty(), refused);
 }
 
 struct Model {
@@ -166,7 +179,7 @@ json run_one(const config::Config& sweep_cfg, const std::string& config_source, 
   cfg.set("train.seed", seed, "run");
   const fs::path dir = root / (method_name + "-seed" + std::to_string(seed));
   claim(dir, cfg.hash(), {{"method", method_name}, {"seed", seed}, {"model", cfg.get<std::string>("model")}});
-  write_file_atomic(dir / "config.yaml", cfg.to_yaml());
+  publish(dir / "config.yaml", cfg.to_yaml());
 
   const auto stages = cfg.get<config::StringList>("stages");
   log::info("run[", method_name, ", seed ", seed, "]: ", stages.size(), " stages into ", dir.string());
@@ -184,9 +197,9 @@ json run_one(const config::Config& sweep_cfg, const std::string& config_source, 
     const std::string& domain = stages[i];
     const fs::path sd = dir / "stages" / stage_name(i + 1, domain);
     const fs::path train_dir = sd / "train";
-    if (fs::exists(sd / "done.json")) {
+    if (exists_on_main(sd / "done.json")) {
       log::info("run[", method_name, ", seed ", seed, "]: stage ", i + 1, " (", domain, ") already done; applying it");
-      remove_tree(train_dir / "checkpoints");  // left over when a kill came right after done.json
+      if (dist::is_main()) remove_tree(train_dir / "checkpoints");  // left over when a kill came right after done.json
       train::apply_stage_output(*m.decoder, method_name, train_dir, merge_adapters);
       previous.push_back(train_dir);
       rows.push_back(read_json_file(sd / "eval.json", "stage evaluation"));
@@ -215,7 +228,7 @@ json run_one(const config::Config& sweep_cfg, const std::string& config_source, 
     train::TrainOptions to = train::TrainOptions::from_config(cfg, method->dense(), static_cast<int64_t>(examples.size()));
     to.pad_id = m.pad_id;
     to.progress = options.progress;
-    to.resume = fs::exists(train_dir);  // an interrupted stage continues from its newest checkpoint
+    to.resume = exists_on_main(train_dir);  // an interrupted stage continues from its newest checkpoint
     train::RunInfo info;
     info.config = cfg.to_json();
     info.config["stage"] = {{"index", i + 1}, {"domain", domain}, {"method", method_name}};
@@ -230,11 +243,11 @@ json run_one(const config::Config& sweep_cfg, const std::string& config_source, 
       const auto top_after = stage_top_sets(cfg, m, examples, domain, static_cast<uint64_t>(seed), options.progress);
       json pj = stage_probe_json(top_before, top_after, m.decoder->config().intermediate_size);
       pj["provenance"] = provenance(cfg, config_source, {{"stage", i + 1}, {"domain", domain}});
-      write_file_atomic(sd / "probe.json", pj.dump(1) + "\n");
+      publish(sd / "probe.json", pj.dump(1) + "\n");
     }
     json row = evaluate_now(cfg, m, base_reps.get(), drift_set, options.progress);
     row["provenance"] = provenance(cfg, config_source, {{"stage", i + 1}, {"domain", domain}, {"method", method_name}});
-    write_file_atomic(sd / "eval.json", row.dump(2) + "\n");
+    publish(sd / "eval.json", row.dump(2) + "\n");
     rows.push_back(row);
 
     const json done = {{"row", i + 1},
@@ -243,10 +256,10 @@ json run_one(const config::Config& sweep_cfg, const std::string& config_source, 
                        {"train_loss", result.last_loss},
                        {"tokens_per_s", result.tokens_per_s},
                        {"seconds", seconds_since(t_stage)}};
-    write_file_atomic(sd / "done.json", done.dump(2) + "\n");
+    publish(sd / "done.json", done.dump(2) + "\n");
     // A done stage is rebuilt from its product, never from a checkpoint: free the disk (for full / migu
     // a checkpoint is the weights plus two AdamW moments, ~16 bytes per parameter).
-    remove_tree(train_dir / "checkpoints");
+    if (dist::is_main()) remove_tree(train_dir / "checkpoints");
     stage_log.push_back(done);
     previous.push_back(train_dir);
   }
@@ -297,7 +310,7 @@ json run_one(const config::Config& sweep_cfg, const std::string& config_source, 
     }
   metrics["drift"] = drift;
   metrics["stages"] = stage_log;
-  write_file_atomic(dir / "metrics.json", metrics.dump(2) + "\n");
+  publish(dir / "metrics.json", metrics.dump(2) + "\n");
   log::info("run[", method_name, ", seed ", seed, "]: ACC ", metrics["ACC"].dump(), ", BWT ", metrics["BWT"].dump(),
             ", F ", metrics["F"].dump(), " -> ", (dir / "metrics.json").string());
   return metrics;
@@ -341,13 +354,13 @@ json run_sweep(const config::Config& cfg, const std::string& config_source, cons
   (void)train::lora_config_from(cfg);
 
   claim(root, cfg.hash(), {{"kind", "sweep"}, {"methods", methods}, {"seeds", seeds}});
-  write_file_atomic(root / "config.yaml", cfg.to_yaml());
+  publish(root / "config.yaml", cfg.to_yaml());
   log::info("run: ", methods.size(), " method(s) x ", seeds.size(), " seed(s) x ", stages.size(), " stages -> ",
             root.string(), " (config hash ", cfg.hash(), ")");
 
   // ---- H1 probe of the base model (once per sweep) ----
   const fs::path probe_dir = root / "probe";
-  if (!fs::exists(probe_dir / "probe.json")) {
+  if (!exists_on_main(probe_dir / "probe.json")) {
     const auto t = Clock::now();
     std::vector<fs::path> models;
     for (const auto& m : cfg.get<config::StringList>("models")) models.emplace_back(m);
@@ -367,16 +380,18 @@ json run_sweep(const config::Config& cfg, const std::string& config_source, cons
 
   // ---- row 0: the base model (shared by every method and seed) ----
   const fs::path base_dir = root / "base";
-  if (!fs::exists(base_dir / "eval.json")) {
+  if (!exists_on_main(base_dir / "eval.json")) {
     const auto t = Clock::now();
-    fs::create_directories(base_dir);
+    if (dist::is_main()) fs::create_directories(base_dir);
     Model m = load_base(cfg);
     const auto drift_set = drift_examples(cfg, *m.tokenizer);
-    if (!drift_set.empty())
-      eval::save_representations(representations(cfg, m, drift_set), base_dir / "representations.safetensors");
+    if (!drift_set.empty()) {
+      const eval::Representations reps = representations(cfg, m, drift_set);
+      if (dist::is_main()) eval::save_representations(reps, base_dir / "representations.safetensors");
+    }
     json row = evaluate_now(cfg, m, nullptr, {}, options.progress);
     row["provenance"] = provenance(cfg, config_source, {{"stage", 0}, {"domain", "base"}});
-    write_file_atomic(base_dir / "eval.json", row.dump(2) + "\n");  // last: marks row 0 complete
+    publish(base_dir / "eval.json", row.dump(2) + "\n");  // last: marks row 0 complete
     log::info("run: base evaluation done in ", seconds_since(t), " s");
   }
 
@@ -392,8 +407,8 @@ json run_sweep(const config::Config& cfg, const std::string& config_source, cons
                 {"runs", runs},
                 {"summary", report::summarize_runs(all)},
                 {"seconds", seconds_since(t0)}};
-  write_file_atomic(root / "sweep.json", sweep.dump(2) + "\n");
-  if (options.report) {
+  publish(root / "sweep.json", sweep.dump(2) + "\n");
+  if (options.report && dist::is_main()) {
     report::write_report({root}, root / "report");
     log::info("run: report in ", (root / "report" / "report.html").string());
   }

@@ -14,6 +14,7 @@
 #include "sparsecl/common/files.h"
 #include "sparsecl/common/log.h"
 #include "sparsecl/config/options.h"
+#include "sparsecl/dist/dist.h"
 #include "sparsecl/io/provenance.h"
 #include "sparsecl/io/safetensors.h"
 #include "sparsecl/model/decoder.h"
@@ -146,6 +147,7 @@ std::vector<at::Tensor> attention_head_norms(const model::Decoder& decoder, cons
   int64_t tokens = 0;
   at::NoGradGuard no_grad;
   for (size_t start = 0; start < examples.size(); start += static_cast<size_t>(batch_size)) {
+    if (!dist::owns(static_cast<int64_t>(start) / batch_size)) continue;  // data parallel: batches round-robin
     const size_t end = std::min(examples.size(), start + static_cast<size_t>(batch_size));
     const data::Batch batch = data::make_batch(examples, start, end, pad_id);
     const int64_t B = batch.input_ids.size(0), T = batch.input_ids.size(1);
@@ -167,6 +169,8 @@ std::vector<at::Tensor> attention_head_norms(const model::Decoder& decoder, cons
     decoder.forward(in, opt);
     tokens += batch.num_tokens;
   }
+  dist::all_reduce_sum(sums);  // sums and counts over the ranks' batches
+  tokens = dist::sum(tokens);
   std::vector<at::Tensor> out;
   for (auto& s : sums) out.push_back((s / static_cast<double>(std::max<int64_t>(tokens, 1))).to(at::kCPU, at::kFloat));
   return out;

@@ -9,6 +9,7 @@
 #include "sparsecl/common/error.h"
 #include "sparsecl/common/log.h"
 #include "sparsecl/config/options.h"
+#include "sparsecl/dist/dist.h"
 #include "sparsecl/model/decoder.h"
 
 namespace sparsecl::train {
@@ -90,6 +91,7 @@ void MiguMethod::before_optimizer_step(model::Decoder& decoder, int64_t step) {
     for (size_t p = 0; p < 7; ++p) {
       model::Linear& lin = projection(decoder.layers().at(l), p);
       at::Tensor& norms = norms_[l][p];  // [out]
+      dist::all_reduce_sum(norms);  // data parallel: the step's tokens are spread over the ranks
       // torch.quantile's default (linear interpolation between the order statistics).
       const at::Tensor threshold = at::quantile(norms, quantile_);
       const at::Tensor gated = norms.lt(threshold);  // [out] bool

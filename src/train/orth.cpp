@@ -14,6 +14,7 @@
 #include "sparsecl/common/files.h"
 #include "sparsecl/common/log.h"
 #include "sparsecl/config/options.h"
+#include "sparsecl/dist/dist.h"
 #include "sparsecl/io/safetensors.h"
 #include "sparsecl/model/lora.h"
 
@@ -175,6 +176,7 @@ void activation_covariances(model::Decoder& decoder, const std::vector<Site>& si
     };
     at::NoGradGuard no_grad;
     for (size_t b = 0; b < examples.size(); b += static_cast<size_t>(batch_size)) {
+      if (!dist::owns(static_cast<int64_t>(b) / batch_size)) continue;  // data parallel: batches round-robin
       const size_t e = std::min(examples.size(), b + static_cast<size_t>(batch_size));
       data::Batch batch = data::make_batch(examples, b, e, pad_id);
       model::ForwardInput in;
@@ -189,7 +191,11 @@ void activation_covariances(model::Decoder& decoder, const std::vector<Site>& si
       opt.hook = &hook;
       decoder.forward(in, opt);
     }
-    for (const auto& s : group) sink(s, cov.at({static_cast<int>(s.point), s.layer}));
+    for (const auto& s : group) {
+      at::Tensor& c = cov.at({static_cast<int>(s.point), s.layer});
+      dist::all_reduce_sum(c);  // X^T X is a sum over tokens: the ranks' parts add up
+      sink(s, c);
+    }
   }
 }
 
@@ -241,6 +247,7 @@ void gradient_covariances(model::Decoder& decoder, const std::vector<Site>& site
     WeightGradScope scope(decoder, group);
     at::AutoGradMode grad_mode(true);  // even if the caller runs under a NoGradGuard
     for (size_t b = 0; b < examples.size(); b += static_cast<size_t>(batch_size)) {
+      if (!dist::owns(static_cast<int64_t>(b) / batch_size)) continue;  // data parallel: batches round-robin
       const size_t e = std::min(examples.size(), b + static_cast<size_t>(batch_size));
       data::Batch batch = data::make_batch(examples, b, e, pad_id);
       if (batch.num_label_tokens == 0) continue;
@@ -261,6 +268,7 @@ void gradient_covariances(model::Decoder& decoder, const std::vector<Site>& site
     }
     for (size_t i = 0; i < group.size(); ++i) {
       at::NoGradGuard no_grad;
+      dist::all_reduce_sum(acc[i]);  // the total loss's gradient: the ranks' parts add up
       const at::Tensor G = acc[i];
       acc[i] = at::Tensor();
       sink(group[i], G.t().mm(G));  // [in, in]
@@ -666,14 +674,17 @@ void OrthMethod::finish_stage(model::Decoder& decoder, const std::vector<data::E
   for (const auto& [m, A] : previous_A_) prev.push_back({m, A});
   const std::map<std::string, std::string> meta = {{"producer", "sparsecl " SPARSECL_VERSION},
                                                    {"basis", orth_basis_name(options_.basis)}};
-  io::save_safetensors(stage_dir / kBasesFile, bases, meta);
-  io::save_safetensors(stage_dir / kPreviousAFile, prev, meta);
   const json info = {{"basis", orth_basis_name(options_.basis)},
                      {"energy", options_.energy},
                      {"mode", orth_mode_name(options_.mode)},
                      {"samples", samples.size()},
                      {"modules", per_module}};
-  write_file_atomic(stage_dir / kInfoFile, info.dump(2) + "\n");
+  if (dist::is_main()) {  // every rank computed the same bases; one writes them
+    io::save_safetensors(stage_dir / kBasesFile, bases, meta);
+    io::save_safetensors(stage_dir / kPreviousAFile, prev, meta);
+    write_file_atomic(stage_dir / kInfoFile, info.dump(2) + "\n");
+  }
+  dist::barrier();
   log::info("orth: extended the bases of ", sites.size(), " layers by ", added, " directions (",
             orth_basis_name(options_.basis), ", energy ", options_.energy, ") into ", (stage_dir / kBasesFile).string());
 }

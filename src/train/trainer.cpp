@@ -19,6 +19,7 @@
 #include "sparsecl/common/log.h"
 #include "sparsecl/common/progress.h"
 #include "sparsecl/config/options.h"
+#include "sparsecl/dist/dist.h"
 #include "sparsecl/io/provenance.h"
 #include "sparsecl/io/safetensors.h"
 
@@ -74,6 +75,12 @@ struct Adam {
 
 fs::path checkpoint_root(const fs::path& out) { return out / "checkpoints"; }
 
+// The key of generator `name`'s state of rank `rank` in rng.safetensors: rank 0 keeps the plain name, so
+// that a one-process checkpoint reads the same as before data parallelism existed.
+std::string rng_key(const std::string& name, int rank) {
+  return rank == 0 ? name : name + ".rank" + std::to_string(rank);
+}
+
 std::string step_dir_name(int64_t step) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "step-%08lld", static_cast<long long>(step));
@@ -123,7 +130,7 @@ TrainOptions TrainOptions::from_config(const config::Config& cfg, bool dense, in
   o.steps = cfg.get<int64_t>("train.steps");
   const double epochs = cfg.get<double>("train.epochs");
   if (epochs > 0) {
-    const double per_step = static_cast<double>(o.batch_size * o.grad_accum);
+    const double per_step = static_cast<double>(o.batch_size * o.grad_accum * dist::world_size());
     o.steps = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(epochs * static_cast<double>(num_examples) / per_step)));
   }
   o.lr = cfg.get<double>(dense ? "train.lr_dense" : "train.lr");
@@ -138,6 +145,7 @@ TrainOptions TrainOptions::from_config(const config::Config& cfg, bool dense, in
   o.packing = cfg.get<bool>("train.packing");
   o.max_length = cfg.get<int64_t>("train.max_length");
   o.activation_checkpointing = cfg.get<bool>("train.activation_checkpointing");
+  o.bucket_bytes = cfg.get<int64_t>("train.bucket_mb") << 20;
   if (o.packing && epochs > 0) {  // train() counts the packed micro-batches of an epoch
     o.packed_epochs = epochs;
     if (cfg.get<int64_t>("train.warmup_steps") == 0) o.warmup_ratio = cfg.get<double>("train.warmup_ratio");
@@ -160,6 +168,7 @@ double heldout_loss(const model::Decoder& decoder, const std::vector<data::Examp
   double sum = 0.0;
   int64_t count = 0;
   for (size_t b = 0; b < examples.size(); b += static_cast<size_t>(batch_size)) {
+    if (!dist::owns(static_cast<int64_t>(b) / batch_size)) continue;  // batches dealt round-robin to the ranks
     const size_t e = std::min(examples.size(), b + static_cast<size_t>(batch_size));
     data::Batch batch = data::make_batch(examples, b, e, pad_id);
     if (batch.num_label_tokens == 0) continue;
@@ -171,6 +180,8 @@ double heldout_loss(const model::Decoder& decoder, const std::vector<data::Examp
     sum += loss * static_cast<double>(batch.num_label_tokens);
     count += batch.num_label_tokens;
   }
+  sum = dist::sum(sum);
+  count = dist::sum(count);
   if (count == 0) throw Error("heldout_loss: the examples have no loss tokens");
   return sum / static_cast<double>(count);
 }
@@ -185,8 +196,24 @@ struct RunState {
   int64_t tokens = 0;        // real tokens consumed (cumulative over the run)
 };
 
+// Every rank calls it (the ranks' generator states are gathered); rank 0 writes, then all wait for the
+// checkpoint to be complete.
 void save_checkpoint(const fs::path& out, const RunState& st, const NamedTensors& params, const Adam& adam,
                      const Method& method, const RunInfo& info, const TrainOptions& o, at::Device device) {
+  std::vector<std::pair<std::string, at::Tensor>> rng;
+  for (auto& [gname, gen] : generators(device)) {
+    at::Tensor state;
+    {
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      state = gen.get_state();  // [n] uint8
+    }
+    const at::Tensor all = dist::all_gather(state);  // [world, n]
+    for (int r = 0; r < dist::world_size(); ++r) rng.push_back({rng_key(gname, r), all[r].clone()});
+  }
+  if (!dist::is_main()) {
+    dist::barrier();
+    return;
+  }
   const fs::path root = checkpoint_root(out);
   fs::create_directories(root);
   const std::string name = step_dir_name(st.step);
@@ -195,15 +222,11 @@ void save_checkpoint(const fs::path& out, const RunState& st, const NamedTensors
   remove_tree(tmp);
   fs::create_directories(tmp);
 
-  std::vector<std::pair<std::string, at::Tensor>> trainable, optim, rng;
+  std::vector<std::pair<std::string, at::Tensor>> trainable, optim;
   for (size_t i = 0; i < params.size(); ++i) {
     trainable.push_back({params[i].first, params[i].second->detach()});
     optim.push_back({"exp_avg." + params[i].first, adam.m[i]});
     optim.push_back({"exp_avg_sq." + params[i].first, adam.v[i]});
-  }
-  for (auto& [gname, gen] : generators(device)) {
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    rng.push_back({gname, gen.get_state()});
   }
   io::save_safetensors(tmp / "trainable.safetensors", trainable, {{"producer", "sparsecl " SPARSECL_VERSION}});
   io::save_safetensors(tmp / "optimizer.safetensors", optim, {{"producer", "sparsecl " SPARSECL_VERSION}});
@@ -213,6 +236,7 @@ void save_checkpoint(const fs::path& out, const RunState& st, const NamedTensors
                       {"samples_seen", st.samples_seen},
                       {"tokens", st.tokens},
                       {"adam_t", adam.t},
+                      {"world_size", dist::world_size()},
                       {"method", method.name()},
                       {"config_hash", info.config_hash},
                       {"options", o.to_json()},
@@ -225,6 +249,7 @@ void save_checkpoint(const fs::path& out, const RunState& st, const NamedTensors
     const std::string n = e.path().filename().string();
     if (e.is_directory() && n.rfind("step-", 0) == 0 && n != name) remove_tree(e.path());
   }
+  dist::barrier();
 }
 
 
@@ -239,6 +264,10 @@ void load_checkpoint(const fs::path& dir, RunState& st, const NamedTensors& para
     if (state.at("config_hash").get<std::string>() != info.config_hash)
       throw Error(state_path.string() + ": checkpoint of config " + state.at("config_hash").get<std::string>() +
                   ", but this run's config hashes to " + info.config_hash + " (resume needs the same config)");
+    const int world = state.value("world_size", 1);
+    if (world != dist::world_size())
+      throw Error(state_path.string() + ": checkpoint of a " + std::to_string(world) + "-process run; resume it with " +
+                  std::to_string(world) + " processes (this job has " + std::to_string(dist::world_size()) + ")");
     st.step = state.at("step").get<int64_t>();
     st.samples_seen = state.at("samples_seen").get<int64_t>();
     st.tokens = state.at("tokens").get<int64_t>();
@@ -269,8 +298,9 @@ void load_checkpoint(const fs::path& dir, RunState& st, const NamedTensors& para
                 std::to_string(params.size()));
   auto rng = io::load_safetensors(dir / "rng.safetensors");
   for (auto& [gname, gen] : generators(device)) {
-    auto it = rng.find(gname);
-    if (it == rng.end()) throw Error((dir / "rng.safetensors").string() + ": missing generator state '" + gname + "'");
+    const std::string key = rng_key(gname, dist::rank());
+    auto it = rng.find(key);
+    if (it == rng.end()) throw Error((dir / "rng.safetensors").string() + ": missing generator state '" + key + "'");
     std::lock_guard<std::mutex> lock(gen.mutex());
     gen.set_state(it->second);
   }
@@ -300,6 +330,7 @@ void write_manifest(const fs::path& out, const Method& method, const RunInfo& in
             {"config", info.config},
             {"config_hash", info.config_hash},
             {"train", o.to_json()},
+            {"world_size", dist::world_size()},
             {"versions", io::software_versions()}};
   if (!result.is_null()) m["result"] = result;
   write_file_atomic(out / "manifest.json", m.dump(2) + "\n");
@@ -317,16 +348,19 @@ TrainResult train(model::Decoder& decoder, Method& method, const std::vector<dat
   const fs::path log_path = out / "train_log.jsonl";
   fs::create_directories(out);
   const fs::path resume_from = o.resume ? newest_checkpoint(out) : fs::path();
-  if (!o.resume && (fs::exists(log_path) || fs::exists(checkpoint_root(out))))
-    throw Error(out.string() + ": already holds a training run (train_log.jsonl / checkpoints); pass --resume to "
-                "continue it or choose another output directory");
+  // Data parallel: every rank checks before rank 0 writes anything (check_all is a collective).
+  dist::check_all(o.resume || !(fs::exists(log_path) || fs::exists(checkpoint_root(out))),
+                  out.string() + ": already holds a training run (train_log.jsonl / checkpoints); pass --resume to "
+                  "continue it or choose another output directory");
   if (o.resume && resume_from.empty()) {
     log::warn(out.string(), ": --resume but no checkpoint there; starting from step 0");
-    ::unlink(log_path.c_str());
+    if (dist::is_main()) ::unlink(log_path.c_str());
   }
 
   at::manual_seed(o.seed);  // dropout; adapter init uses its own seeded generator
   NamedTensors params = method.setup(decoder);
+  // Data parallel: each rank draws its own dropout masks (rank 0's stream is the one-process stream).
+  if (dist::rank() > 0) at::manual_seed(o.seed + 0x9E3779B97F4A7C15ULL * static_cast<uint64_t>(dist::rank()));
   if (params.empty()) throw Error("train: method '" + method.name() + "' has nothing to train");
   int64_t numel = 0;
   for (const auto& [name, p] : params) {
@@ -342,9 +376,18 @@ TrainResult train(model::Decoder& decoder, Method& method, const std::vector<dat
   RunState st;
   if (!resume_from.empty()) {
     load_checkpoint(resume_from, st, params, adam, method, info, device);
-    truncate_log(log_path, st.step);
+    if (dist::is_main()) truncate_log(log_path, st.step);
     log::info("resuming ", out.string(), " from ", resume_from.filename().string(), " (step ", st.step, ")");
   }
+  // Data parallel: every rank starts from rank 0's values (they agree already when the seeded init is
+  // deterministic; this makes it so), then the summed gradients keep them equal step by step.
+  std::vector<at::Tensor*> param_ptrs;
+  for (const auto& [name, p] : params) param_ptrs.push_back(p);
+  if (dist::active()) {
+    at::NoGradGuard no_grad;
+    for (at::Tensor* p : param_ptrs) dist::broadcast(*p);
+  }
+  dist::GradientReducer reducer(param_ptrs, o.bucket_bytes);
   // Examples without a loss target (e.g. a prompt truncated past max_length) only cost compute.
   std::vector<const data::Example*> usable;
   for (const auto& e : examples) {
@@ -402,31 +445,38 @@ TrainResult train(model::Decoder& decoder, Method& method, const std::vector<dat
     int64_t micro_batches = 0;
     for (int64_t cursor = 0, taken = 0; cursor < n; cursor += taken, ++micro_batches) next_packed(cursor, taken);
     o.steps = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(o.packed_epochs * static_cast<double>(micro_batches) /
-                                                                  static_cast<double>(o.grad_accum))));
+                                                                  static_cast<double>(o.grad_accum * dist::world_size()))));
     if (o.warmup_ratio > 0) o.warmup_steps = static_cast<int64_t>(std::ceil(o.warmup_ratio * static_cast<double>(o.steps)));
     log::info("train: ", o.packed_epochs, " epoch(s) of ", micro_batches, " packed micro-batches: ", o.steps, " steps");
   }
+  const int64_t world = dist::world_size();
   log::info("train ", method.name(), ": ", params.size(), " tensors, ", numel, " trainable parameters; ", examples.size(),
-            " examples, ", o.steps, " steps x ", o.grad_accum, " x ", o.batch_size,
+            " examples, ", o.steps, " steps x ", o.grad_accum, world > 1 ? " x " + std::to_string(world) + " ranks" : "",
+            " x ", o.batch_size,
             o.packing ? " packed rows of " + std::to_string(pack_length) + " tokens" : std::string(" sequences"),
             ", lr ", o.lr, o.activation_checkpointing ? ", activation checkpointing" : "");
-  write_manifest(out, method, info, o, "running", nullptr);
+  if (dist::is_main()) write_manifest(out, method, info, o, "running", nullptr);
 
   method.before_training(decoder);
-  std::ofstream log_file(log_path, std::ios::app);
-  if (!log_file) throw Error(log_path.string() + ": cannot write");
+  std::ofstream log_file;  // rank 0 writes the step log
+  if (dist::is_main()) {
+    log_file.open(log_path, std::ios::app);
+    if (!log_file) throw Error(log_path.string() + ": cannot write");
+  }
   const int64_t end_step = o.stop_after > 0 ? std::min(o.steps, o.stop_after) : o.steps;
-  Progress bar("train " + method.name(), std::max<int64_t>(0, end_step - st.step), o.progress, "steps");
+  Progress bar("train " + method.name(), std::max<int64_t>(0, end_step - st.step), o.progress && dist::is_main(), "steps");
   TrainResult result;
   const auto t_start = std::chrono::steady_clock::now();
   const model::ActivationHook* hook = method.activation_hook();
 
   while (st.step < end_step) {
     const auto t0 = std::chrono::steady_clock::now();
-    // The step's micro-batches (built first: the loss weights need the step's label-token count).
+    // The step's micro-batches (built first: the loss weights need the step's label-token count). With
+    // data parallelism the step has grad_accum x world micro-batches, dealt round-robin: micro-batch m is
+    // rank m % world's, so W ranks with grad_accum A compute the step one process computes with A x W.
     std::vector<data::Batch> micro;
     int64_t label_tokens = 0, step_tokens = 0;
-    for (int64_t m = 0; m < o.grad_accum; ++m) {
+    for (int64_t m = 0; m < o.grad_accum * world; ++m) {
       if (o.packing) {
         int64_t taken = 0;
         auto rows = next_packed(st.samples_seen, taken);
@@ -442,8 +492,13 @@ TrainResult train(model::Decoder& decoder, Method& method, const std::vector<dat
     }
     for (const auto& [name, p] : params) p->mutable_grad() = at::Tensor();
     double loss_sum = 0.0;
-    for (size_t m = 0; m < micro.size(); ++m) {
-      const data::Batch& batch = micro[m];
+    int64_t last_owned = -1;
+    for (int64_t m = 0; m < static_cast<int64_t>(micro.size()); ++m)
+      if (dist::owns(m)) last_owned = m;
+    for (int64_t m = 0; m < static_cast<int64_t>(micro.size()); ++m) {
+      if (!dist::owns(m)) continue;
+      if (m == last_owned) reducer.arm();  // its backward completes the step's gradients: sum them meanwhile
+      const data::Batch& batch = micro[static_cast<size_t>(m)];
       at::Tensor extra = m == 0 ? method.extra_loss(decoder, st.step) : at::Tensor();
       if (batch.num_label_tokens == 0 && !extra.defined()) continue;
       at::Tensor loss_total;
@@ -468,6 +523,8 @@ TrainResult train(model::Decoder& decoder, Method& method, const std::vector<dat
       }
       loss_total.backward();
     }
+    reducer.finish();
+    loss_sum = dist::sum(loss_sum);
     method.before_optimizer_step(decoder, st.step);
 
     const double lr = learning_rate(o, st.step);
@@ -507,7 +564,7 @@ TrainResult train(model::Decoder& decoder, Method& method, const std::vector<dat
     const double loss = label_tokens > 0 ? loss_sum / static_cast<double>(label_tokens) : 0.0;
     result.last_loss = loss;
     result.tokens += step_tokens;
-    if (st.step % o.log_every == 0 || st.step == o.steps || st.step == end_step) {
+    if (dist::is_main() && (st.step % o.log_every == 0 || st.step == o.steps || st.step == end_step)) {
       const json line = {{"step", st.step},     {"loss", loss}, {"lr", lr},  {"tokens", st.tokens},
                          {"tokens_per_s", step_s > 0 ? static_cast<double>(step_tokens) / step_s : 0.0},
                          {"grad_norm", grad_norm}};
@@ -530,8 +587,11 @@ TrainResult train(model::Decoder& decoder, Method& method, const std::vector<dat
   const json rj = {{"steps_done", result.steps_done}, {"last_loss", result.last_loss},
                    {"tokens", result.tokens},         {"seconds", result.seconds},
                    {"tokens_per_s", result.tokens_per_s}};
-  if (result.finished) method.save_output(decoder, out);
-  write_manifest(out, method, info, o, result.finished ? "finished" : "stopped", rj);
+  if (dist::is_main()) {
+    if (result.finished) method.save_output(decoder, out);
+    write_manifest(out, method, info, o, result.finished ? "finished" : "stopped", rj);
+  }
+  dist::barrier();  // the stage's files exist for every rank once train() returns
   return result;
 }
 

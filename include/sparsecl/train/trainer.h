@@ -7,6 +7,12 @@
 // learning rate, global-norm clipping, bf16 autocast on CUDA, the JSON Lines step log, the progress bar,
 // atomic resumable checkpoints and the stage manifest.
 //
+// Data parallel (torchrun / srun, dist.h): a step has grad_accum x world micro-batches, micro-batch m
+// on rank m % world; gradients are summed over the ranks in buckets during the last backward
+// (dist::GradientReducer), so W ranks with grad_accum A take the steps one process takes with A x W.
+// Rank 0 writes the log, checkpoints (with every rank's generator states) and outputs; a resume needs
+// the same number of processes.
+//
 // Step order (one optimizer step = grad_accum micro-batches):
 //   for each micro-batch m:  loss_m = causal_lm_loss(forward(m)) [+ method.extra_loss() once per step]
 //                            backward(loss_m * label_tokens_m / label_tokens_step)   (token-weighted mean)
@@ -129,6 +135,8 @@ struct TrainOptions {
   // and, when warmup_ratio > 0 (train.warmup_steps = 0), warmup_steps = ceil(warmup_ratio * steps).
   double packed_epochs = 0;
   double warmup_ratio = 0;
+  // Data parallel (dist.h): the gradient all-reduce bucket size (train.bucket_mb).
+  int64_t bucket_bytes = 25 << 20;
 
   // From the resolved config: train.* keys (steps / epochs over `num_examples`, warmup ratio or steps,
   // lr or lr_dense per `dense`, packing + max_length, activation checkpointing). train.dtype other
