@@ -96,8 +96,8 @@ void run_eval(const EvalArgs& a) {
   join_job(device_name);  // torchrun / srun: every scorer's batches are split over the job's processes
   log::info("eval: loading ", model_dir.string(), a.adapter.empty() ? "" : " + adapter " + a.adapter,
             a.merge ? " (merged)" : "");
-  auto decoder = model::Decoder::load(model_dir, model::parse_dtype(cfg.get<std::string>("dtype")),
-                                      model::parse_device(device_name));
+  auto decoder = model::load_decoder(model_dir, model::parse_dtype(cfg.get<std::string>("dtype")), device_name,
+                                     cfg.get<std::string>("device_map"));
   if (!a.adapter.empty()) {
     model::attach_lora(decoder, model::LoraAdapter::load(a.adapter));
     if (a.merge) model::merge_lora(decoder);

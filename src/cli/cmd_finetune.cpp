@@ -103,8 +103,8 @@ void run_finetune(const FinetuneArgs& a) {
   }
   const std::string device_name = a.given("--device") ? a.device : cfg.get<std::string>("device");
   join_job(device_name);  // torchrun / srun: data parallel over the job's processes
-  auto decoder = model::Decoder::load(model_dir, model::parse_dtype(cfg.get<std::string>("dtype")),
-                                      model::parse_device(device_name));
+  auto decoder = model::load_decoder(model_dir, model::parse_dtype(cfg.get<std::string>("dtype")), device_name,
+                                     cfg.get<std::string>("device_map"));
   for (const auto& [m, dir] : previous) {
     log::info(cmd_name, ": applying earlier stage ", dir.string(), " (", m, ")");
     train::apply_stage_output(decoder, m, dir);

@@ -21,7 +21,7 @@ namespace {
 namespace fs = std::filesystem;
 
 struct GenerateArgs {
-  std::string model, adapter, ids, prompt, system, dtype = "float32", device = "cpu";
+  std::string model, adapter, ids, prompt, system, dtype = "float32", device = "cpu", device_map;
   bool chat = false, ignore_eos = false;
   int64_t max_new_tokens = 64;
 };
@@ -80,7 +80,7 @@ void run_generate(const GenerateArgs& a) {
       prompt = tok->encode(a.prompt, /*add_special_tokens=*/true);
     }
   }
-  auto decoder = model::Decoder::load(a.model, model::parse_dtype(a.dtype), model::parse_device(a.device));
+  auto decoder = model::load_decoder(a.model, model::parse_dtype(a.dtype), a.device, a.device_map);
   if (!a.adapter.empty()) model::attach_lora(decoder, model::LoraAdapter::load(a.adapter));
   model::GenerateOptions opt;
   opt.max_new_tokens = a.max_new_tokens;
@@ -105,6 +105,7 @@ void add_generate(CLI::App& root) {
   cmd->add_option("--adapter", a->adapter, "PEFT LoRA adapter directory to apply");
   cmd->add_option("--dtype", a->dtype, "Compute dtype")->check(CLI::IsMember({"float32", "bfloat16", "float16"}))->capture_default_str();
   cmd->add_option("--device", a->device, "cpu, cuda or cuda:N")->capture_default_str();
+  cmd->add_option("--device-map", a->device_map, "layers over several devices: auto or cuda:0,cuda:1,... (overrides --device)");
   cmd->callback([a] { run_generate(*a); });
 }
 

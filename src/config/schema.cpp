@@ -45,6 +45,8 @@ Options build() {
   o.add({"output", Type::String, std::string("runs"), "directory the run writes into (not part of the hash)",
          {}, PathKind::None, /*hashed=*/false});
   s("device", "cpu", "compute device", one_of({"cpu", "cuda"}));
+  s("device_map", "", "pipeline placement of one model over several devices (a model larger than one GPU): '' "
+    "(none), 'auto' (every visible GPU) or a list such as 'cuda:0,cuda:1'; overrides device");
   s("dtype", "float32", "dtype of the frozen weights and activations (float32 on cpu, bfloat16 on cuda)",
     one_of({"float32", "bfloat16", "float16"}));
 

@@ -192,10 +192,12 @@ Representations collect_representations(const model::Decoder& decoder, const std
       throw Error("drift: the decoder returned " + std::to_string(out.hidden_states.size()) + " hidden states, expected " +
                   std::to_string(num_states));
     const auto sel = reps.tokens.slice(0, row, row_end);                                       // [n, 2]
-    const auto batch_rows = (sel.select(1, 0) - static_cast<int64_t>(begin)).to(decoder.device());  // [n]
-    const auto positions = sel.select(1, 1).to(decoder.device());                                // [n]
-    for (int64_t i = 0; i < num_states; ++i)
-      chunks[i].push_back(out.hidden_states[i].index({batch_rows, positions}).to(at::kCPU, at::kFloat));  // [n, H]
+    const auto batch_rows = sel.select(1, 0) - static_cast<int64_t>(begin);  // [n]
+    const auto positions = sel.select(1, 1);                                  // [n]
+    for (int64_t i = 0; i < num_states; ++i) {
+      const at::Device dev = out.hidden_states[i].device();  // states of different layers may sit on different GPUs
+      chunks[i].push_back(out.hidden_states[i].index({batch_rows.to(dev), positions.to(dev)}).to(at::kCPU, at::kFloat));  // [n, H]
+    }
     row = row_end;
   }
   for (int64_t i = 0; i < num_states; ++i) reps.layers.push_back(at::cat(chunks[i], 0).contiguous());  // [N, H]

@@ -83,7 +83,7 @@ LossResult heldout_loss(const model::Decoder& decoder, const text::Tokenizer* to
     const auto logits = decoder.forward(in).logits;                 // [B, T, V]
     const int64_t T = logits.size(1);
     if (T < 2) continue;
-    const auto labels = batch.labels.to(decoder.device()).slice(1, 1, T);  // [B, T-1] targets of positions 0..T-2
+    const auto labels = batch.labels.to(logits.device()).slice(1, 1, T);  // [B, T-1] targets of positions 0..T-2
     const auto mask = labels.ne(-100);                                     // [B, T-1]
     const auto sel_logits = logits.slice(1, 0, T - 1).index({mask});      // [N, V]
     const auto sel_targets = labels.index({mask});                         // [N]
@@ -179,8 +179,8 @@ std::vector<double> continuation_logliks(const model::Decoder& decoder, const st
     in.input_ids = ids.to(decoder.device());
     in.attention_mask = mask.to(decoder.device());
     const auto logits = decoder.forward(in).logits;  // [B, T, V]
-    const auto sel_d = sel.to(decoder.device());
-    const auto lp = target_logprobs(logits.index({sel_d}), targets.to(decoder.device()).index({sel_d}));  // [N]
+    const auto sel_d = sel.to(logits.device());  // the output device (pipeline placement)
+    const auto lp = target_logprobs(logits.index({sel_d}), targets.to(logits.device()).index({sel_d}));  // [N]
     const auto lp_cpu = lp.to(at::kCPU, at::kDouble).contiguous();
     const double* p = lp_cpu.data_ptr<double>();
     // index({mask}) walks row-major, so row i's continuation tokens are contiguous, in order.

@@ -3,9 +3,9 @@
 // LM head). Mirrors transformers' modeling_llama / qwen2 / qwen3 / mistral numerics. Packed rows
 // (segment_ids: block-diagonal causal attention, positions restarting per example) and activation
 // checkpointing per decoder layer (an autograd Node that recomputes the layer in backward) serve the
-// trainer.
+// trainer. Under a pipeline placement (Placement) every tensor is loaded onto its own device and the
+// forward pass moves the hidden state, and once per device the per-call tensors, to each layer's device.
 #include "sparsecl/model/decoder.h"
-
 
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -72,8 +72,9 @@ at::Tensor activation(const at::Tensor& x, const std::string& act) {
   return at::gelu(x, "tanh");  // gelu_pytorch_tanh (validated in ModelConfig)
 }
 
-// Expected tensors of the checkpoint: HF name -> shape. Built from the config alone.
-std::vector<std::pair<std::string, std::vector<int64_t>>> expected_tensors(const ModelConfig& c) {
+}  // namespace
+
+std::vector<std::pair<std::string, std::vector<int64_t>>> checkpoint_tensor_shapes(const ModelConfig& c) {
   const int64_t H = c.hidden_size, I = c.intermediate_size, D = c.head_dim, V = c.vocab_size;
   const int64_t q = c.num_attention_heads * D, kv = c.num_key_value_heads * D;
   std::vector<std::pair<std::string, std::vector<int64_t>>> out;
@@ -110,8 +111,6 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> expected_tensors(const
   return out;
 }
 
-}  // namespace
-
 at::ScalarType parse_dtype(const std::string& name) {
   if (name == "float32" || name == "fp32") return at::kFloat;
   if (name == "bfloat16" || name == "bf16") return at::kBFloat16;
@@ -129,25 +128,34 @@ at::Device parse_device(const std::string& name) {
 }
 
 KVCache::KVCache(const ModelConfig& c, int64_t batch, int64_t capacity, at::ScalarType dtype, at::Device device)
+    : KVCache(c, batch, capacity, dtype, Placement::single(device, c.num_hidden_layers)) {}
+
+KVCache::KVCache(const ModelConfig& c, int64_t batch, int64_t capacity, at::ScalarType dtype, const Placement& placement)
     : capacity_(capacity) {
-  auto opts = at::TensorOptions().dtype(dtype).device(device);
+  placement.check(c);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    k_.push_back(at::zeros({batch, c.num_key_value_heads, capacity, c.head_dim}, opts));
-    v_.push_back(at::zeros({batch, c.num_key_value_heads, capacity, c.head_dim}, opts));
+    auto opts = at::TensorOptions().dtype(dtype).device(placement.layer_devices[l]);
+    k_.push_back(at::zeros({batch, c.num_key_value_heads, capacity, c.head_dim}, opts));  // [B, kv, cap, D]
+    v_.push_back(at::zeros({batch, c.num_key_value_heads, capacity, c.head_dim}, opts));  // [B, kv, cap, D]
   }
 }
 
 Decoder Decoder::load(const fs::path& dir, at::ScalarType dtype, at::Device device) {
+  return load(dir, dtype, Placement::single(device, ModelConfig::load(dir).num_hidden_layers));
+}
+
+Decoder Decoder::load(const fs::path& dir, at::ScalarType dtype, const Placement& placement) {
   Decoder d;
   d.config_ = ModelConfig::load(dir);
   d.source_ = dir;
   d.dtype_ = dtype;
-  d.device_ = device;
   const ModelConfig& c = d.config_;
+  placement.check(c);
+  d.placement_ = placement;
   io::Checkpoint ck = io::Checkpoint::open(dir);
 
   // 1. Validate everything before converting anything.
-  const auto expected = expected_tensors(c);
+  const auto expected = checkpoint_tensor_shapes(c);
   std::set<std::string> used;
   for (const auto& [name, shape] : expected) {
     if (!ck.contains(name))
@@ -172,9 +180,10 @@ Decoder Decoder::load(const fs::path& dir, at::ScalarType dtype, at::Device devi
     log::warn(ck.source().string(), ": ignoring ", unused.size(), " tensor(s) the model does not use: ", list);
   }
 
-  // 2. Convert: straight from the mapped file to the compute dtype on the device.
+  // 2. Convert: straight from the mapped file to the compute dtype on the tensor's own device.
   auto get = [&](const std::string& name) {
-    return ck.tensor(name).to(at::TensorOptions().dtype(dtype).device(device), /*non_blocking=*/false, /*copy=*/true);
+    return ck.tensor(name).to(at::TensorOptions().dtype(dtype).device(placement.device_of(name)),
+                              /*non_blocking=*/false, /*copy=*/true);
   };
   auto get_linear = [&](const std::string& prefix, bool bias) {
     Linear l;
@@ -209,7 +218,7 @@ Decoder Decoder::load(const fs::path& dir, at::ScalarType dtype, at::Device devi
   at::Tensor inv_freq = rope_inverse_frequencies(c);
   if (c.torch_dtype == "bfloat16" || c.torch_dtype == "float16")
     inv_freq = inv_freq.to(parse_dtype(c.torch_dtype)).to(at::kFloat);
-  d.inv_freq_ = inv_freq.to(dtype).to(at::kFloat).to(device);
+  d.inv_freq_ = inv_freq.to(dtype).to(at::kFloat).to(placement.embed_device);
   d.build_parameter_table();
   return d;
 }
@@ -220,7 +229,7 @@ Decoder& Decoder::operator=(Decoder&& other) noexcept {
   config_ = std::move(other.config_);
   source_ = std::move(other.source_);
   dtype_ = other.dtype_;
-  device_ = other.device_;
+  placement_ = std::move(other.placement_);
   embed_tokens_ = std::move(other.embed_tokens_);
   lm_head_ = std::move(other.lm_head_);
   norm_ = std::move(other.norm_);
@@ -527,8 +536,10 @@ at::Tensor segment_positions(const at::Tensor& segment_ids) {
 
 at::Tensor Decoder::checkpointed_layer_forward(int64_t l, const at::Tensor& x, const LayerContext& ctx) const {
   const std::vector<at::Tensor> params = layer_grad_tensors(layers_[l]);
-  // The generator state before the first pass is what the recomputation replays (LoRA dropout masks).
-  RngState rng = ctx.training ? RngState::capture(device_) : RngState{};
+  // The generator state before the first pass is what the recomputation replays (LoRA dropout masks):
+  // the CPU generator and, when the layer runs on a GPU, that GPU's.
+  const at::Device device = layer_device(l);
+  RngState rng = ctx.training ? RngState::capture(device) : RngState{};
   at::Tensor out;
   {
     at::NoGradGuard no_grad;
@@ -541,7 +552,7 @@ at::Tensor Decoder::checkpointed_layer_forward(int64_t l, const at::Tensor& x, c
   // The Decoder must outlive the backward pass (the recomputation runs its layer l).
   auto recompute = [this, l, again](const at::Tensor& xi) { return layer_forward(l, xi, again); };
   std::shared_ptr<LayerCheckpointBackward> node(
-      new LayerCheckpointBackward(l, std::move(recompute), x, params, std::move(rng), AutocastState::capture(), device_),
+      new LayerCheckpointBackward(l, std::move(recompute), x, params, std::move(rng), AutocastState::capture(), device),
       torch::autograd::deleteNode);
   variable_list inputs{x};
   inputs.insert(inputs.end(), params.begin(), params.end());
@@ -601,7 +612,8 @@ at::Tensor Decoder::layer_forward(int64_t l, const at::Tensor& x_in, const Layer
 ForwardOutput Decoder::forward(const ForwardInput& in, const ForwardOptions& opt) const {
   const ModelConfig& c = config_;
   if (in.input_ids.dim() != 2) throw Error("input_ids must be [B, T], got " + shape_str(in.input_ids.sizes()));
-  const at::Tensor ids = in.input_ids.to(device_, at::kLong);
+  const at::Device input_device = device();
+  const at::Tensor ids = in.input_ids.to(input_device, at::kLong);
   const int64_t B = ids.size(0), T = ids.size(1);
   const int64_t past = opt.cache ? opt.cache->length_ : 0;
   const int64_t S = past + T;  // keys visible to this call
@@ -626,15 +638,15 @@ ForwardOutput Decoder::forward(const ForwardInput& in, const ForwardOptions& opt
       throw Error("segment_ids must be [B, T] = [" + std::to_string(B) + ", " + std::to_string(T) + "], got " +
                   shape_str(in.segment_ids.sizes()));
     if (opt.cache) throw Error("segment_ids (packed rows) cannot be combined with a KV cache");
-    segments = in.segment_ids.to(device_, at::kLong);
+    segments = in.segment_ids.to(input_device, at::kLong);
     if (in.segment_ids.device().is_cpu() && segments.numel() && segments.min().item<int64_t>() < 0)
       throw Error("segment_ids must be >= 0 (0 = padding, 1..n = the example of the row)");
   }
   if (opt.checkpoint_layers && opt.cache) throw Error("checkpoint_layers (activation checkpointing) cannot be combined with a KV cache");
 
-  at::Tensor position_ids = in.position_ids.defined() ? in.position_ids.to(device_, at::kLong)
+  at::Tensor position_ids = in.position_ids.defined() ? in.position_ids.to(input_device, at::kLong)
                             : segments.defined()      ? segment_positions(segments)
-                                                      : at::arange(past, S, at::TensorOptions().dtype(at::kLong).device(device_))
+                                                      : at::arange(past, S, at::TensorOptions().dtype(at::kLong).device(input_device))
                                                             .unsqueeze(0)
                                                             .expand({B, T});
   auto [cos, sin] = rope_tables(position_ids);
@@ -655,7 +667,7 @@ ForwardOutput Decoder::forward(const ForwardInput& in, const ForwardOptions& opt
   if (!in.attention_mask.defined() && !segments.defined() && past == 0) {
     ctx.is_causal = T > 1;
   } else {
-    auto lopts = at::TensorOptions().dtype(at::kLong).device(device_);
+    auto lopts = at::TensorOptions().dtype(at::kLong).device(input_device);
     at::Tensor q_pos = at::arange(past, S, lopts).view({T, 1});
     at::Tensor k_pos = at::arange(0, S, lopts).view({1, S});
     at::Tensor m = (k_pos <= q_pos).view({1, 1, T, S});
@@ -663,7 +675,7 @@ ForwardOutput Decoder::forward(const ForwardInput& in, const ForwardOptions& opt
       if (in.attention_mask.dim() != 2 || in.attention_mask.size(0) != B || in.attention_mask.size(1) != S)
         throw Error("attention_mask must be [B, past + T] = [" + std::to_string(B) + ", " + std::to_string(S) +
                     "], got " + shape_str(in.attention_mask.sizes()));
-      at::Tensor keys = in.attention_mask.to(device_).to(at::kBool).view({B, 1, 1, S});
+      at::Tensor keys = in.attention_mask.to(input_device).to(at::kBool).view({B, 1, 1, S});
       m = m.logical_and(keys);
     }
     if (segments.defined()) {  // S == T here (no cache)
@@ -680,19 +692,39 @@ ForwardOutput Decoder::forward(const ForwardInput& in, const ForwardOptions& opt
 
   ForwardOutput out;
   if (opt.mlp_act) ctx.mlp_act = &out.mlp_act;
-  at::Tensor x = at::embedding(embed_tokens_, ids);  // [B, T, H]
+  // The per-call tensors on every device a layer runs on, copied there once per call (pipeline placement).
+  std::vector<std::pair<at::Device, LayerContext>> contexts;
+  contexts.reserve(placement_.layer_devices.size() + 1);  // references into it stay valid
+  contexts.emplace_back(input_device, std::move(ctx));
+  auto context_for = [&](at::Device target) -> const LayerContext& {
+    for (const auto& [dev, layer_ctx] : contexts)
+      if (dev == target) return layer_ctx;
+    return contexts.emplace_back(target, context_on(contexts.front().second, target)).second;
+  };
+  at::Tensor x = at::embedding(embed_tokens_, ids);  // [B, T, H] on the input device
   if (opt.hidden_states) out.hidden_states.push_back(x);
   const bool checkpoint = opt.checkpoint_layers && at::GradMode::is_enabled();
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    x = checkpoint ? checkpointed_layer_forward(l, x, ctx) : layer_forward(l, x, ctx);  // [B, T, H]
+    const at::Device dev = layer_device(l);
+    const LayerContext& layer_ctx = context_for(dev);
+    x = x.to(dev);  // a no-op within a run of layers on one device
+    x = checkpoint ? checkpointed_layer_forward(l, x, layer_ctx) : layer_forward(l, x, layer_ctx);  // [B, T, H]
     if (opt.hidden_states && l + 1 < c.num_hidden_layers) out.hidden_states.push_back(x);
   }
   if (opt.cache) opt.cache->length_ = S;
-  x = rms_norm(x, norm_.weight, c.rms_norm_eps);
+  x = rms_norm(x.to(output_device()), norm_.weight, c.rms_norm_eps);  // [B, T, H] on the head device
   out.last_hidden = x;
   if (opt.hidden_states) out.hidden_states.push_back(x);
   if (opt.logits) out.logits = at::linear(x, config_.tie_word_embeddings ? embed_tokens_ : lm_head_);
   return out;
+}
+
+Decoder::LayerContext Decoder::context_on(const LayerContext& ctx, at::Device device) {
+  LayerContext moved = ctx;
+  moved.cos = ctx.cos.to(device);  // [B, 1, T, D]
+  moved.sin = ctx.sin.to(device);
+  if (ctx.mask) moved.mask = ctx.mask->to(device);  // [B or 1, 1, T, S]
+  return moved;
 }
 
 HookPoint input_hook_point(const std::string& proj) {
@@ -716,56 +748,68 @@ at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels) {
 namespace sparsecl::model {
 
 Decoder Decoder::random(const ModelConfig& config, at::ScalarType dtype, at::Device device, uint64_t seed) {
+  return random(config, dtype, Placement::single(device, config.num_hidden_layers), seed);
+}
+
+Decoder Decoder::random(const ModelConfig& config, at::ScalarType dtype, const Placement& placement, uint64_t seed) {
+  placement.check(config);
   Decoder d;
   d.config_ = config;
   d.source_ = "random:seed=" + std::to_string(seed);
   d.dtype_ = dtype;
-  d.device_ = device;
+  d.placement_ = placement;
   const ModelConfig& c = d.config_;
   const int64_t H = c.hidden_size, I = c.intermediate_size, D = c.head_dim, V = c.vocab_size;
   const int64_t q = c.num_attention_heads * D, kv = c.num_key_value_heads * D;
-  const auto opts = at::TensorOptions().dtype(dtype).device(device);
-  // A private generator of the device's kind (the default one's type, reseeded): the global generators
-  // are left as they were. Draws happen in the checkpoint's tensor order (norms and biases draw nothing).
+  const at::Device draw_device = placement.embed_device;
+  // A private generator of the embedding device's kind (the default one's type, reseeded): the global
+  // generators are left as they were. Draws happen in the checkpoint's tensor order (norms and biases
+  // draw nothing), all on the embedding device, so that a placement changes where the weights live but
+  // not their values; each tensor then moves to its own device at once.
   at::Generator gen = [&] {
-    at::Generator global = at::globalContext().defaultGenerator(device);
+    at::Generator global = at::globalContext().defaultGenerator(draw_device);
     std::lock_guard<std::mutex> lock(global.mutex());
     at::Generator g = global.clone();
     g.set_current_seed(seed);
     return g;
   }();
-  auto normal = [&](at::IntArrayRef shape) { return at::empty(shape, opts).normal_(0.0, 0.02, gen); };
-  auto ones = [&](int64_t n) { return at::ones({n}, opts); };
-  auto linear = [&](int64_t out, int64_t in, bool bias) {
+  auto opts_on = [&](at::Device device) { return at::TensorOptions().dtype(dtype).device(device); };
+  auto normal = [&](at::IntArrayRef shape, at::Device device) {
+    return at::empty(shape, opts_on(draw_device)).normal_(0.0, 0.02, gen).to(device);
+  };
+  auto ones = [&](int64_t n, at::Device device) { return at::ones({n}, opts_on(device)); };
+  auto linear = [&](int64_t out, int64_t in, bool bias, at::Device device) {
     Linear l;
-    l.weight = normal({out, in});  // [out, in]
-    if (bias) l.bias = at::zeros({out}, opts);
+    l.weight = normal({out, in}, device);  // [out, in]
+    if (bias) l.bias = at::zeros({out}, opts_on(device));
     return l;
   };
-  d.embed_tokens_ = normal({V, H});  // [V, H]
+  d.embed_tokens_ = normal({V, H}, placement.embed_device);  // [V, H]
   d.layers_.resize(c.num_hidden_layers);
-  for (DecoderLayer& L : d.layers_) {
-    L.input_layernorm.weight = ones(H);
-    L.post_attention_layernorm.weight = ones(H);
-    L.q_proj = linear(q, H, c.qkv_bias);
-    L.k_proj = linear(kv, H, c.qkv_bias);
-    L.v_proj = linear(kv, H, c.qkv_bias);
-    L.o_proj = linear(H, q, c.o_bias);
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    DecoderLayer& L = d.layers_[l];
+    const at::Device dev = placement.layer_devices[l];
+    L.input_layernorm.weight = ones(H, dev);
+    L.post_attention_layernorm.weight = ones(H, dev);
+    L.q_proj = linear(q, H, c.qkv_bias, dev);
+    L.k_proj = linear(kv, H, c.qkv_bias, dev);
+    L.v_proj = linear(kv, H, c.qkv_bias, dev);
+    L.o_proj = linear(H, q, c.o_bias, dev);
     if (c.qk_norm) {
-      L.q_norm.weight = ones(D);
-      L.k_norm.weight = ones(D);
+      L.q_norm.weight = ones(D, dev);
+      L.k_norm.weight = ones(D, dev);
     }
-    L.gate_proj = linear(I, H, c.mlp_bias);
-    L.up_proj = linear(I, H, c.mlp_bias);
-    L.down_proj = linear(H, I, c.mlp_bias);
+    L.gate_proj = linear(I, H, c.mlp_bias, dev);
+    L.up_proj = linear(I, H, c.mlp_bias, dev);
+    L.down_proj = linear(H, I, c.mlp_bias, dev);
   }
-  d.norm_.weight = ones(H);
-  if (!c.tie_word_embeddings) d.lm_head_ = normal({V, H});  // [V, H]
+  d.norm_.weight = ones(H, placement.head_device);
+  if (!c.tie_word_embeddings) d.lm_head_ = normal({V, H}, placement.head_device);  // [V, H]
   // RoPE frequencies exactly as load() derives them (rounded like HF when the config says bf16/fp16).
   at::Tensor inv_freq = rope_inverse_frequencies(c);
   if (c.torch_dtype == "bfloat16" || c.torch_dtype == "float16")
     inv_freq = inv_freq.to(parse_dtype(c.torch_dtype)).to(at::kFloat);
-  d.inv_freq_ = inv_freq.to(dtype).to(at::kFloat).to(device);
+  d.inv_freq_ = inv_freq.to(dtype).to(at::kFloat).to(draw_device);
   d.build_parameter_table();
   return d;
 }

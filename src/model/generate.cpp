@@ -1,5 +1,8 @@
 // Greedy generation: one prefill over the left-padded batch, then one token per step through the
-// preallocated KV cache; rows that have stopped keep decoding padding but their output is frozen.
+// preallocated KV cache; rows that have stopped keep decoding padding but their output is frozen. Under a
+// pipeline placement the cache follows the layers' devices, the ids / mask / positions live on the
+// input device and the logits (hence each step's argmax) on the output device; forward() moves the
+// fed-back token to the input device.
 #include "sparsecl/model/generate.h"
 
 #include <algorithm>
@@ -19,7 +22,7 @@ std::vector<std::vector<int64_t>> greedy_generate(const Decoder& decoder, const 
     if (p.empty()) throw Error("generate: empty prompt");
     T0 = std::max<int64_t>(T0, static_cast<int64_t>(p.size()));
   }
-  const at::Device dev = decoder.device();
+  const at::Device dev = decoder.device();  // the input device
   // Left-pad: prompt i occupies the last |p_i| positions of its row.
   at::Tensor ids = at::zeros({B, T0}, at::kLong);
   at::Tensor mask = at::zeros({B, T0}, at::kLong);
@@ -34,7 +37,7 @@ std::vector<std::vector<int64_t>> greedy_generate(const Decoder& decoder, const 
   }
   ids = ids.to(dev);
   mask = mask.to(dev);
-  KVCache cache(decoder.config(), B, T0 + options.max_new_tokens, decoder.dtype(), dev);
+  KVCache cache(decoder.config(), B, T0 + options.max_new_tokens, decoder.dtype(), decoder.placement());
 
   ForwardInput in;
   in.input_ids = ids;
@@ -48,7 +51,7 @@ std::vector<std::vector<int64_t>> greedy_generate(const Decoder& decoder, const 
   std::vector<bool> done(B, false);
   at::Tensor logits = decoder.forward(in, fo).logits;  // [B, T0, V]
   for (int64_t step = 0; step < options.max_new_tokens; ++step) {
-    at::Tensor next = logits.select(1, logits.size(1) - 1).argmax(-1);  // [B]
+    at::Tensor next = logits.select(1, logits.size(1) - 1).argmax(-1);  // [B] on the output device
     at::Tensor next_cpu = next.to(at::kCPU);
     bool all_done = true;
     for (int64_t b = 0; b < B; ++b) {

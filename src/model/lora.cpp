@@ -1,5 +1,6 @@
 // PEFT LoRA adapters: config parsing with PEFT's pattern rules, loading/saving the PEFT layout,
-// attaching to and merging into a Decoder.
+// attaching to and merging into a Decoder (each delta on its projection's device, so that adapters
+// follow a pipeline placement).
 #include "sparsecl/model/lora.h"
 
 #include <cmath>
@@ -170,7 +171,9 @@ void attach_lora(Decoder& decoder, const LoraAdapter& adapter, bool trainable) {
   }
   for (const auto& [module, ab] : adapter.weights) {
     LoraDelta d;
-    auto opts = at::TensorOptions().device(decoder.device()).dtype(trainable ? at::kFloat : decoder.dtype());
+    // On the projection's own device (under a pipeline placement not necessarily decoder.device()).
+    const at::Device device = linears[module]->weight.device();
+    auto opts = at::TensorOptions().device(device).dtype(trainable ? at::kFloat : decoder.dtype());
     d.A = ab.first.to(opts, false, true);
     d.B = ab.second.to(opts, false, true);
     if (trainable) {

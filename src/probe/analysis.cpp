@@ -231,7 +231,8 @@ nlohmann::json analyze(const std::vector<DomainStats>& domains, const Settings& 
                   {"intersection", intersection_from_iou(iou, K)}};
         if (settings.permutations > 0) {
           const PermutationResult pr = permutation_test(
-              A.layers[l].seq_sum, A.seq_tokens, B.layers[l].seq_sum, B.seq_tokens, K, settings.permutations,
+              A.layers[l].seq_sum, A.seq_tokens.to(A.layers[l].seq_sum.device()), B.layers[l].seq_sum,
+              B.seq_tokens.to(B.layers[l].seq_sum.device()), K, settings.permutations,
               derive_seed(seed, "perm/" + A.name + "/" + B.name + "/" + std::to_string(l)), iou);
           p["perm_mean"] = pr.mean;
           p["perm_std"] = pr.std;

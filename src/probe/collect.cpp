@@ -102,7 +102,9 @@ DomainStats collect_domain_stats(model::Decoder& decoder, const std::vector<data
   st.num_sequences = n;
   st.seq_tokens = at::tensor(seq_tokens, at::TensorOptions().dtype(at::kFloat)).to(dev);  // [n]
   st.layers.resize(L);
-  for (auto& ls : st.layers) {
+  for (int64_t l = 0; l < L; ++l) {
+    LayerStats& ls = st.layers[l];
+    const auto f32 = at::TensorOptions().dtype(at::kFloat).device(decoder.layer_device(l));  // pipeline placement
     ls.sum_abs = at::zeros({I}, f32.dtype(at::kDouble));  // [I]
     ls.topk_count = at::zeros({I}, f32.dtype(at::kLong));  // [I]
     ls.seq_sum = at::zeros({n, I}, f32);                   // [n, I]
@@ -164,14 +166,16 @@ DomainStats collect_domain_stats(model::Decoder& decoder, const std::vector<data
         res_pos.push_back(r * T + t);
       }
     }
-    const at::Tensor real_idx = index_tensor(real, dev);      // [N]
-    const at::Tensor real_seq_idx = index_tensor(real_seq, dev);  // [N]
+    const at::Tensor real_idx_input = index_tensor(real, dev);      // [N]
+    const at::Tensor real_seq_idx_input = index_tensor(real_seq, dev);  // [N]
     const at::Tensor res_pos_idx = index_tensor(res_pos, dev);    // [S]
     const at::Tensor res_slot_idx = index_tensor(res_slot, dev);  // [S]
 
     model::ActivationHook hook = [&](model::HookPoint point, int64_t l, const at::Tensor& live) {
       if (point != model::HookPoint::MlpIntermediate) return;
       LayerStats& ls = st.layers[l];
+      const at::Device ldev = live.device();                        // the layer's device
+      const at::Tensor real_idx = real_idx_input.to(ldev), real_seq_idx = real_seq_idx_input.to(ldev);
       const at::Tensor flat = live.detach().reshape({B * T, I});  // [B*T, I]
       const at::Tensor h = flat.index_select(0, real_idx);        // [N, I] real tokens only
       kernels::accumulate_neuron_stats(h, k, ls.sum_abs, ls.topk_count);
@@ -180,10 +184,11 @@ DomainStats collect_domain_stats(model::Decoder& decoder, const std::vector<data
       } else {
         const at::Tensor idx = kernels::topk_abs_indices(h, k).to(at::kLong);  // [N, k]
         const at::Tensor flat_idx = (real_seq_idx.unsqueeze(1) * I + idx).reshape({-1});  // [N*k]
-        ls.seq_sum.view({-1}).index_add_(0, flat_idx, at::ones({flat_idx.size(0)}, f32));
+        ls.seq_sum.view({-1}).index_add_(0, flat_idx, at::ones({flat_idx.size(0)}, f32.device(ldev)));
       }
       if (!res_pos.empty())
-        ls.reservoir.index_copy_(0, res_slot_idx, kernels::topk_abs_bitset(flat.index_select(0, res_pos_idx), k));
+        ls.reservoir.index_copy_(0, res_slot_idx.to(ldev),
+                                 kernels::topk_abs_bitset(flat.index_select(0, res_pos_idx.to(ldev)), k));
     };
 
     model::ForwardInput in;
@@ -206,7 +211,7 @@ DomainStats collect_domain_stats(model::Decoder& decoder, const std::vector<data
                           static_cast<double>(batch.num_label_tokens);
         out = {};  // the logits are saved by the graph; drop our reference
         loss.backward();
-        loss_sum += loss.detach().to(at::kDouble);
+        loss_sum += loss.detach().to(loss_sum.device(), at::kDouble);
         st.loss_tokens += batch.num_label_tokens;
         for (int64_t l = 0; l < L; ++l) {
           at::Tensor& w = decoder.layers()[l].down_proj.weight;

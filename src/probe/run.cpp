@@ -34,7 +34,7 @@ json Settings::to_json() const {
           {"batch_size", batch_size},     {"max_length", max_length},     {"permutations", permutations},
           {"token_pairs", token_pairs},   {"token_reservoir", token_reservoir},
           {"gradient_overlap", gradient_overlap}, {"seed", seed},         {"device", device},
-          {"dtype", dtype}};
+          {"device_map", device_map},     {"dtype", dtype}};
 }
 
 Settings Settings::from_config(const config::Config& cfg) {
@@ -50,6 +50,7 @@ Settings Settings::from_config(const config::Config& cfg) {
   const auto seeds = cfg.get<config::IntList>("seeds");
   s.seed = seeds.empty() ? 0 : static_cast<uint64_t>(seeds[0]);
   s.device = cfg.get<std::string>("device");
+  s.device_map = cfg.get<std::string>("device_map");
   s.dtype = cfg.get<std::string>("dtype");
   return s;
 }
@@ -63,6 +64,7 @@ void Settings::validate() const {
   if (token_pairs < 0) throw Error("probe.token_pairs must be >= 0");
   if (token_reservoir < 0) throw Error("probe.token_reservoir must be >= 0");
   model::parse_device(device);
+  model::parse_device_map(device_map);
   model::parse_dtype(dtype);
 }
 
@@ -84,7 +86,6 @@ json run_probe(const std::vector<fs::path>& models, const std::vector<Domain>& d
     if (!fs::exists(m / "config.json")) throw Error(m.string() + ": not a model directory (no config.json)");
   if (dist::is_main()) fs::create_directories(output_dir);
 
-  const at::Device device = model::parse_device(settings.device);
   const at::ScalarType dtype = model::parse_dtype(settings.dtype);
   std::vector<std::pair<std::string, at::Tensor>> raw;
   json models_json = json::array();
@@ -109,7 +110,7 @@ json run_probe(const std::vector<fs::path>& models, const std::vector<Domain>& d
       all_examples.push_back(data::load_jsonl(d.file, tokenizer.get(), lo));
       summaries.push_back(data::summarize(all_examples.back()));
     }
-    model::Decoder decoder = model::Decoder::load(dir, dtype, device);
+    model::Decoder decoder = model::load_decoder(dir, dtype, settings.device, settings.device_map);
     const int64_t pad = data::pad_id_for(tokenizer.get());
     const auto& cfg = decoder.config();
 

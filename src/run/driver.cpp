@@ -93,8 +93,8 @@ struct Model {
 Model load_base(const config::Config& cfg) {
   Model m;
   const fs::path dir = cfg.get<std::string>("model");
-  m.decoder = std::make_unique<model::Decoder>(model::Decoder::load(
-      dir, model::parse_dtype(cfg.get<std::string>("dtype")), model::parse_device(cfg.get<std::string>("device"))));
+  m.decoder = std::make_unique<model::Decoder>(model::load_decoder(
+      dir, model::parse_dtype(cfg.get<std::string>("dtype")), cfg.get<std::string>("device"), cfg.get<std::string>("device_map")));
   m.tokenizer = text::Tokenizer::load_if_present(dir);
   if (!m.tokenizer) throw Error("run: " + dir.string() + " has no tokenizer; `run` needs one for the data and tasks");
   m.pad_id = data::pad_id_for(m.tokenizer.get());

@@ -139,11 +139,11 @@ std::vector<at::Tensor> attention_head_norms(const model::Decoder& decoder, cons
                                              int64_t batch_size, int64_t pad_id) {
   const auto& c = decoder.config();
   const int64_t L = c.num_hidden_layers, nh = c.num_attention_heads, D = c.head_dim;
-  const at::Device dev = decoder.device();
   if (examples.empty()) throw Error("mask: no examples to rank the attention heads on");
   if (batch_size < 1) throw Error("mask: probe.batch_size must be >= 1");
   std::vector<at::Tensor> sums;
-  for (int64_t l = 0; l < L; ++l) sums.push_back(at::zeros({nh}, at::TensorOptions().dtype(at::kDouble).device(dev)));
+  for (int64_t l = 0; l < L; ++l)  // each on its layer's device (pipeline placement)
+    sums.push_back(at::zeros({nh}, at::TensorOptions().dtype(at::kDouble).device(decoder.layer_device(l))));
   int64_t tokens = 0;
   at::NoGradGuard no_grad;
   for (size_t start = 0; start < examples.size(); start += static_cast<size_t>(batch_size)) {
@@ -154,15 +154,15 @@ std::vector<at::Tensor> attention_head_norms(const model::Decoder& decoder, cons
     std::vector<int64_t> real;  // flat positions b*T + t of the real tokens
     for (int64_t b = 0; b < B; ++b)
       for (int64_t t = 0; t < batch.lengths[b]; ++t) real.push_back(b * T + t);
-    const at::Tensor real_idx = from_vector(real).to(dev);  // [N]
+    const at::Tensor real_idx = from_vector(real).to(decoder.device());  // [N]
     model::ActivationHook hook = [&](model::HookPoint point, int64_t l, const at::Tensor& live) {
       if (point != model::HookPoint::AttnOutput) return;
-      const at::Tensor heads = live.detach().reshape({B * T, nh, D}).index_select(0, real_idx);  // [N, nh, D]
+      const at::Tensor heads = live.detach().reshape({B * T, nh, D}).index_select(0, real_idx.to(live.device()));  // [N, nh, D]
       sums[l] += at::linalg_vector_norm(heads.to(at::kFloat), 2, {-1}).sum(0).to(at::kDouble);  // [nh]
     };
     model::ForwardInput in;
-    in.input_ids = batch.input_ids.to(dev);  // [B, T]
-    if (batch.num_tokens != B * T) in.attention_mask = batch.attention_mask.to(dev);  // [B, T]
+    in.input_ids = batch.input_ids.to(decoder.device());  // [B, T]
+    if (batch.num_tokens != B * T) in.attention_mask = batch.attention_mask.to(decoder.device());  // [B, T]
     model::ForwardOptions opt;
     opt.logits = false;
     opt.hook = &hook;
@@ -194,20 +194,20 @@ NamedTensors MaskMethod::setup(model::Decoder& decoder) {
   const int64_t Kh = probe::top_count(options_.head_ratio, c.num_attention_heads);
   head_dim_ = c.head_dim;
   const int64_t q_rows = options_.heads ? Kh * c.head_dim : 0;
-  const auto leaf = [&](std::vector<int64_t> shape) {
-    return at::zeros(shape, at::TensorOptions().dtype(at::kFloat).device(decoder.device())).requires_grad_(true);
+  const auto leaf = [&](int64_t layer, std::vector<int64_t> shape) {  // on the layer's device
+    return at::zeros(shape, at::TensorOptions().dtype(at::kFloat).device(decoder.layer_device(layer))).requires_grad_(true);
   };
   targets_.clear();
   for (int64_t l = 0; l < L; ++l) {
     const std::string p = layer_prefix(l);
     if (options_.heads) {
       // GQA: k_proj / v_proj rows serve a group of query heads, so they stay frozen (see docs/train.md).
-      targets_.push_back({p + "self_attn.q_proj", l, true, false, leaf({q_rows, H})});   // [Kh*D, H]
-      targets_.push_back({p + "self_attn.o_proj", l, true, true, leaf({H, q_rows})});    // [H, Kh*D]
+      targets_.push_back({p + "self_attn.q_proj", l, true, false, leaf(l, {q_rows, H})});   // [Kh*D, H]
+      targets_.push_back({p + "self_attn.o_proj", l, true, true, leaf(l, {H, q_rows})});    // [H, Kh*D]
     }
-    targets_.push_back({p + "mlp.gate_proj", l, false, false, leaf({K, H})});  // [K, H]
-    targets_.push_back({p + "mlp.up_proj", l, false, false, leaf({K, H})});    // [K, H]
-    targets_.push_back({p + "mlp.down_proj", l, false, true, leaf({H, K})});   // [H, K]
+    targets_.push_back({p + "mlp.gate_proj", l, false, false, leaf(l, {K, H})});  // [K, H]
+    targets_.push_back({p + "mlp.up_proj", l, false, false, leaf(l, {K, H})});    // [K, H]
+    targets_.push_back({p + "mlp.down_proj", l, false, true, leaf(l, {H, K})});   // [H, K]
   }
   NamedTensors params;
   for (auto& t : targets_) params.push_back({t.module + ".delta", &t.delta});
@@ -295,7 +295,7 @@ void MaskMethod::before_training(model::Decoder& decoder) {
   for (const Target& t : targets_) {
     model::Linear* lin = linears.at(t.module);
     // The Linear holds another handle of the same leaf: the trainer's updates and gradients are shared.
-    lin->indexed.push_back({target_index(t).to(decoder.device()), t.delta, t.columns});
+    lin->indexed.push_back({target_index(t).to(lin->weight.device()), t.delta, t.columns});
   }
   int64_t numel = 0;
   for (const Target& t : targets_) numel += t.delta.numel();

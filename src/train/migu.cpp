@@ -43,8 +43,9 @@ NamedTensors MiguMethod::setup(model::Decoder& decoder) {
     std::array<at::Tensor, 7> norms, gated;
     for (size_t p = 0; p < 7; ++p) {
       const int64_t out = projection(layer, p).weight.size(0);
-      norms[p] = at::zeros({out}, at::TensorOptions().dtype(at::kFloat).device(decoder.device()));  // [out]
-      gated[p] = at::zeros({out}, at::TensorOptions().dtype(at::kBool).device(decoder.device()));   // [out]
+      const at::Device dev = projection(layer, p).weight.device();  // the layer's (pipeline placement)
+      norms[p] = at::zeros({out}, at::TensorOptions().dtype(at::kFloat).device(dev));  // [out]
+      gated[p] = at::zeros({out}, at::TensorOptions().dtype(at::kBool).device(dev));   // [out]
     }
     norms_.push_back(norms);
     gated_.push_back(gated);
@@ -72,7 +73,8 @@ void MiguMethod::observe(model::HookPoint point, int64_t layer, const at::Tensor
                 " positions does not match the announced batch (" + std::to_string(batch_rows_) + " x " +
                 std::to_string(batch_len_) + ")");
   at::NoGradGuard no_grad;
-  const at::Tensor real = x.detach().reshape({batch_rows_ * batch_len_, x.size(2)}).index_select(0, real_positions_);  // [N, in]
+  const at::Tensor real = x.detach().reshape({batch_rows_ * batch_len_, x.size(2)})
+                              .index_select(0, real_positions_.to(x.device()));  // [N, in]
   model::DecoderLayer& L = decoder_->layers().at(static_cast<size_t>(layer));
   for (size_t p = 0; p < 7; ++p) {
     if (model::input_hook_point(projections()[p]) != point) continue;
@@ -98,7 +100,7 @@ void MiguMethod::before_optimizer_step(model::Decoder& decoder, int64_t step) {
       if (lin.weight.grad().defined()) lin.weight.mutable_grad().masked_fill_(gated.unsqueeze(1), 0.0);  // rows
       if (lin.bias.defined() && lin.bias.grad().defined()) lin.bias.mutable_grad().masked_fill_(gated, 0.0);
       gated_[l][p] = gated;
-      gated_rows += gated.sum();
+      gated_rows += gated.sum().to(gated_rows.device());
       rows += gated.numel();
       norms.zero_();
     }

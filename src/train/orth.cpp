@@ -163,14 +163,15 @@ void activation_covariances(model::Decoder& decoder, const std::vector<Site>& si
     std::map<std::pair<int, int64_t>, at::Tensor> cov;  // (hook point, layer) -> [in, in] fp32
     for (const auto& s : group) {
       auto& c = cov[{static_cast<int>(s.point), s.layer}];
-      if (!c.defined()) c = at::zeros({s.in(), s.in()}, at::TensorOptions().dtype(at::kFloat).device(device));
+      if (!c.defined())  // on the layer's device (pipeline placement)
+        c = at::zeros({s.in(), s.in()}, at::TensorOptions().dtype(at::kFloat).device(decoder.layer_device(s.layer)));
     }
     at::Tensor real_rows;  // [N] flat indices of the current batch's real tokens; undefined = all
     model::ActivationHook hook = [&](model::HookPoint point, int64_t layer, const at::Tensor& live) {
       auto it = cov.find({static_cast<int>(point), layer});
       if (it == cov.end()) return;
       at::Tensor X = live.detach().reshape({-1, live.size(-1)});  // [B*T, in]
-      if (real_rows.defined()) X = X.index_select(0, real_rows);  // [N, in]
+      if (real_rows.defined()) X = X.index_select(0, real_rows.to(X.device()));  // [N, in]
       X = X.to(at::kFloat);
       it->second.addmm_(X.t(), X);
     };
@@ -243,7 +244,7 @@ void gradient_covariances(model::Decoder& decoder, const std::vector<Site>& site
   for (const auto& group : group_layers(sites, budget, bytes)) {
     std::vector<at::Tensor> acc;  // per site [out, in] fp32
     for (const auto& s : group)
-      acc.push_back(at::zeros({s.out(), s.in()}, at::TensorOptions().dtype(at::kFloat).device(device)));
+      acc.push_back(at::zeros({s.out(), s.in()}, at::TensorOptions().dtype(at::kFloat).device(s.linear->weight.device())));
     WeightGradScope scope(decoder, group);
     at::AutoGradMode grad_mode(true);  // even if the caller runs under a NoGradGuard
     for (size_t b = 0; b < examples.size(); b += static_cast<size_t>(batch_size)) {
@@ -285,7 +286,7 @@ void delta_covariances(model::Decoder& decoder, const std::vector<Site>& sites, 
       throw Error((stage_dir / "adapter_model.safetensors").string() + ": no LoRA weights for module '" + s.module +
                   "' (orth.basis=deltas needs the stage's adapter of every adapted layer)");
     at::NoGradGuard no_grad;
-    const auto dopt = at::TensorOptions().dtype(at::kDouble).device(decoder.device());
+    const auto dopt = at::TensorOptions().dtype(at::kDouble).device(s.linear->weight.device());
     const at::Tensor A = it->second.first.to(dopt), B = it->second.second.to(dopt);  // [r, in], [out, r]
     const at::Tensor D = B.mm(A) * adapter.config.scale_for(s.module);                 // [out, in]
     sink(s, D.t().mm(D));
@@ -492,8 +493,10 @@ void OrthMethod::refresh_device_copies(at::Device device) {
   device_bases_.clear();
   device_previous_A_.clear();
   for (const auto& m : modules_) {
-    if (auto it = bases_.find(m); it != bases_.end()) device_bases_[m] = it->second.to(device, at::kFloat);
-    if (auto it = previous_A_.find(m); it != previous_A_.end()) device_previous_A_[m] = it->second.to(device, at::kFloat);
+    // Each module's copies live with its adapter (its layer's device under pipeline placement).
+    const at::Device dev = A_.count(m) ? A_.at(m).device() : device;
+    if (auto it = bases_.find(m); it != bases_.end()) device_bases_[m] = it->second.to(dev, at::kFloat);
+    if (auto it = previous_A_.find(m); it != previous_A_.end()) device_previous_A_[m] = it->second.to(dev, at::kFloat);
   }
 }
 

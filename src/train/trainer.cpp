@@ -22,6 +22,7 @@
 #include "sparsecl/dist/dist.h"
 #include "sparsecl/io/provenance.h"
 #include "sparsecl/io/safetensors.h"
+#include "sparsecl/model/loss.h"
 
 namespace sparsecl::train {
 
@@ -513,9 +514,10 @@ TrainResult train(model::Decoder& decoder, Method& method, const std::vector<dat
         fo.training = true;
         fo.hook = hook;
         fo.checkpoint_layers = o.activation_checkpointing;
-        auto fwd = decoder.forward(in, fo);                                   // logits [B, T, V]
+        fo.logits = false;  // the loss comes from last_hidden a chunk at a time, never the [B, T, V] logits
+        auto fwd = decoder.forward(in, fo);                                   // last_hidden [B, T, H]
         if (batch.num_label_tokens > 0) {
-          at::Tensor loss = model::causal_lm_loss(fwd.logits, batch.labels.to(device));  // scalar fp32
+          at::Tensor loss = model::chunked_causal_lm_loss(fwd.last_hidden, decoder.head_weight(), batch.labels);  // scalar fp32
           loss_sum += loss.item<double>() * static_cast<double>(batch.num_label_tokens);
           loss_total = loss * (static_cast<double>(batch.num_label_tokens) / static_cast<double>(label_tokens));
         }
@@ -533,7 +535,7 @@ TrainResult train(model::Decoder& decoder, Method& method, const std::vector<dat
       at::NoGradGuard no_grad;
       at::Tensor sq = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device));
       for (const auto& [name, p] : params)
-        if (p->grad().defined()) sq += p->grad().to(at::kDouble).pow(2).sum();
+        if (p->grad().defined()) sq += p->grad().to(at::kDouble).pow(2).sum().to(device);  // grads may sit on several GPUs
       grad_norm = std::sqrt(sq.item<double>());
       if (o.clip > 0 && grad_norm > o.clip) {
         const double coef = o.clip / (grad_norm + 1e-6);

@@ -9,6 +9,10 @@
 // Hook point (llama.cpp style): an optional callback sees, per layer, the MLP intermediate
 // h = act(gate_proj(x)) * up_proj(x) (the input of down_proj, [B,T,I]) and the residual stream after
 // the layer ([B,T,H]). Probing and masked tuning attach there without forking the model code.
+//
+// Pipeline placement (HF device_map style, docs/model.md): a Placement puts contiguous runs of decoder
+// layers on different devices, so that a model too large for one GPU runs on several of one node; the
+// layers run one after another and the hidden state moves to the next layer's device at run boundaries.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -81,10 +85,75 @@ HookPoint input_hook_point(const std::string& proj);
 // ForwardOptions::checkpoint_layers: the hook then sees the activations of the no-grad first pass).
 using ActivationHook = std::function<void(HookPoint, int64_t layer, const at::Tensor&)>;
 
-// Preallocated key/value cache for incremental decoding: per layer [B, kv_heads, capacity, head_dim].
+// The checkpoint tensors a config requires, in HF order: HF name -> shape ("lm_head.weight" only when
+// untied). The one list that loading, random init and Placement::balanced's byte count use.
+std::vector<std::pair<std::string, std::vector<int64_t>>> checkpoint_tensor_shapes(const ModelConfig& config);
+
+// Where every tensor of a Decoder lives (pipeline placement across the GPUs of one node).
+//   embed_device   the embeddings (and RoPE tables); where callers put input_ids / attention_mask
+//   layer_devices  one per decoder layer: its norms, projections (and their LoRA / indexed deltas), its
+//                  slice of the KV cache
+//   head_device    the final norm and the LM head; where logits / last_hidden come out. With tied
+//                  embeddings the head multiplies by the embedding matrix itself, so head_device must
+//                  equal embed_device (no copy: a copy would go stale when the embedding is trained or
+//                  overwritten, e.g. full fine-tuning of a tied model); balanced() places it there.
+struct Placement {
+  std::vector<at::Device> layer_devices;
+  at::Device embed_device{at::kCPU};
+  at::Device head_device{at::kCPU};
+
+  // Everything on `device`.
+  static Placement single(at::Device device, int64_t num_layers);
+  // Contiguous runs of layers over `devices` (in order) with parameter bytes per device balanced: the
+  // embeddings count on the first device, the final norm + untied LM head on the last (a tied head on
+  // the first, with the embeddings). Rule: with at least as many layers as devices every device first
+  // gets one layer; each remaining layer then goes to the device whose byte total after taking it is
+  // smallest (ties: the lower index), which minimises the largest total; device i then holds the next
+  // n_i layers. Deterministic; a device may be listed twice ("cpu,cpu" exercises the split on a CPU).
+  // Throws sparsecl::Error when `devices` is empty.
+  static Placement balanced(const ModelConfig& config, const std::vector<at::Device>& devices, at::ScalarType dtype);
+
+  // The device of a checkpoint tensor under its HF name ("model.layers.3.mlp.up_proj.weight" -> layer
+  // 3's device). Throws sparsecl::Error for a name outside checkpoint_tensor_shapes().
+  at::Device device_of(const std::string& tensor_name) const;
+  // True when every tensor is on one device.
+  bool is_single() const;
+  // Parameter bytes per distinct device (in order of first use: embeddings, layers, head) as
+  // balanced() counts them: every checkpoint tensor once, on the device it is placed on.
+  std::vector<std::pair<at::Device, int64_t>> bytes_per_device(const ModelConfig& config, at::ScalarType dtype) const;
+  // "cuda:0 [embed_tokens, layers 0-39]; cuda:1 [layers 40-79, norm, lm_head]" for logs.
+  std::string describe() const;
+  // Throws sparsecl::Error unless there is one device per layer of `config` and a tied head sits with
+  // the embeddings.
+  void check(const ModelConfig& config) const;
+};
+
+// The device list of a device map spec (the `device_map` config key / `--device-map` flag):
+//   "" or "none"        -> {} (no pipeline: the model goes on its one device)
+//   "auto"              -> every visible CUDA device, cuda:0 .. cuda:N-1 (Error when none is visible)
+//   "cuda:0,cuda:1,..." -> that list, in order; "cpu" entries are allowed ("cpu,cpu" runs the split
+//                          code path on a CPU); "cuda" without an index means cuda:0
+// Throws sparsecl::Error naming the spec on an unknown entry, an empty entry or a CUDA index that is
+// not visible.
+std::vector<at::Device> parse_device_map(const std::string& spec);
+// What the CLI / config wiring calls: Placement::balanced over parse_device_map(device_map), or, when
+// the map is "" / "none", Placement::single(device) (device_map, when given, overrides device).
+Placement resolve_placement(const ModelConfig& config, const std::string& device_map, at::Device device,
+                            at::ScalarType dtype);
+
+class Decoder;
+// The one way the subcommands load a model from the user's settings: `device` ("cpu" | "cuda" |
+// "cuda:N") unless `device_map` (the config key / --device-map) places the layers over several devices,
+// in which case the placement is logged.
+Decoder load_decoder(const std::filesystem::path& dir, at::ScalarType dtype, const std::string& device,
+                     const std::string& device_map);
+
+// Preallocated key/value cache for incremental decoding: per layer [B, kv_heads, capacity, head_dim],
+// each on its layer's device.
 class KVCache {
  public:
   KVCache(const ModelConfig& config, int64_t batch, int64_t capacity, at::ScalarType dtype, at::Device device);
+  KVCache(const ModelConfig& config, int64_t batch, int64_t capacity, at::ScalarType dtype, const Placement& placement);
   int64_t length() const { return length_; }
   int64_t capacity() const { return capacity_; }
 
@@ -123,6 +192,10 @@ struct ForwardOptions {
   bool checkpoint_layers = false;
 };
 
+// Devices under a pipeline placement: logits and last_hidden on the head device (output_device());
+// hidden_states[0] on the embedding device, hidden_states[l] (0 < l < L) and mlp_act[l] on the device of
+// the layer that produced them, the last hidden state on the head device. Hooks likewise see each
+// layer's activations on that layer's device.
 struct ForwardOutput {
   at::Tensor logits;                      // [B, T, V] in the compute dtype
   at::Tensor last_hidden;                 // [B, T, H] after the final norm
@@ -137,6 +210,9 @@ class Decoder {
   // throws sparsecl::Error naming the file and tensor, and nothing is half-loaded. Tensors the model
   // does not use are named in a warning.
   static Decoder load(const std::filesystem::path& dir, at::ScalarType dtype, at::Device device);
+  // The same with every tensor converted straight from the mapped file to its device in `placement`
+  // (never the whole model on one device first). Throws when the placement does not fit the config.
+  static Decoder load(const std::filesystem::path& dir, at::ScalarType dtype, const Placement& placement);
 
   // Movable (the parameter table, which points into the object, is rebuilt); not copyable.
   Decoder(Decoder&& other) noexcept;
@@ -148,12 +224,23 @@ class Decoder {
   // Drawn in HF tensor-name order from one generator of the device's kind seeded with `seed`, so one
   // seed gives the same weights on one device. For shape benchmarks (`sparsecl bench model`).
   static Decoder random(const ModelConfig& config, at::ScalarType dtype, at::Device device, uint64_t seed);
+  // The same weights (drawn on the embedding device, each tensor then moved to its device in
+  // `placement`): equal to random(config, dtype, placement.embed_device, seed) placed differently.
+  static Decoder random(const ModelConfig& config, at::ScalarType dtype, const Placement& placement, uint64_t seed);
 
   ForwardOutput forward(const ForwardInput& input, const ForwardOptions& options = {}) const;
 
   const ModelConfig& config() const { return config_; }
   at::ScalarType dtype() const { return dtype_; }
-  at::Device device() const { return device_; }
+  // The input device (the embeddings): where callers put input_ids / attention_mask / labels.
+  at::Device device() const { return placement_.embed_device; }
+  // Where logits and last_hidden come out (the final norm and LM head).
+  at::Device output_device() const { return placement_.head_device; }
+  at::Device layer_device(int64_t layer) const { return placement_.layer_devices.at(static_cast<size_t>(layer)); }
+  const Placement& placement() const { return placement_; }
+  // The LM head [V, H] on output_device(): lm_head.weight, or the embedding matrix when tied. For losses
+  // computed from last_hidden without the full logits (chunked_causal_lm_loss).
+  const at::Tensor& head_weight() const { return config_.tie_word_embeddings ? embed_tokens_ : lm_head_; }
   const std::filesystem::path& source() const { return source_; }
 
   // Every parameter under its HF name ("model.layers.0.self_attn.q_proj.weight", "lm_head.weight"
@@ -171,7 +258,8 @@ class Decoder {
   at::Tensor linear(const at::Tensor& x, const Linear& l, bool training) const;
   std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& position_ids) const;  // cos, sin [B,T,D] fp32
 
-  // What every layer of one forward call shares (built once by forward()).
+  // What every layer of one forward call shares (built once by forward() on the input device, then
+  // copied once to each further device a layer runs on).
   struct LayerContext {
     int64_t B = 0, T = 0, past = 0, S = 0;   // batch, new tokens, cached tokens, keys visible (past + T)
     at::Tensor cos, sin;                     // [B, 1, T, D] RoPE tables in the compute dtype
@@ -188,16 +276,18 @@ class Decoder {
   at::Tensor layer_forward(int64_t l, const at::Tensor& x, const LayerContext& ctx) const;
   // layer_forward under activation checkpointing (ForwardOptions::checkpoint_layers).
   at::Tensor checkpointed_layer_forward(int64_t l, const at::Tensor& x, const LayerContext& ctx) const;
+  // `ctx` with its tensors (RoPE tables, mask) on `device`.
+  static LayerContext context_on(const LayerContext& ctx, at::Device device);
 
   ModelConfig config_;
   std::filesystem::path source_;
   at::ScalarType dtype_ = at::kFloat;
-  at::Device device_ = at::kCPU;
-  at::Tensor embed_tokens_;  // [V, H]
-  at::Tensor lm_head_;       // [V, H]; undefined when tied (embed_tokens_ is used)
-  RMSNorm norm_;
-  std::vector<DecoderLayer> layers_;
-  at::Tensor inv_freq_;      // [D/2] fp32 on device
+  Placement placement_;
+  at::Tensor embed_tokens_;  // [V, H] on placement_.embed_device
+  at::Tensor lm_head_;       // [V, H] on placement_.head_device; undefined when tied (embed_tokens_ is used)
+  RMSNorm norm_;             // on placement_.head_device
+  std::vector<DecoderLayer> layers_;  // layer l on placement_.layer_devices[l]
+  at::Tensor inv_freq_;      // [D/2] fp32 on the embedding device
   std::vector<std::pair<std::string, at::Tensor*>> params_;
 };
 

@@ -46,7 +46,7 @@ struct LoraAdapter {
 };
 
 // Attaches `adapter` to the decoder (appends a LoraDelta to each targeted Linear, converted to the
-// decoder's dtype and device). Every adapter module must exist in the model with matching shapes.
+// decoder's dtype on that Linear's weight device: its layer's device under a pipeline placement). Every adapter module must exist in the model with matching shapes.
 // With `trainable`, the attached A and B are fp32 leaves with requires_grad (what training updates).
 void attach_lora(Decoder& decoder, const LoraAdapter& adapter, bool trainable = false);
 

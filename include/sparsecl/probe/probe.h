@@ -53,6 +53,7 @@ struct Settings {
   bool gradient_overlap = false;  // also accumulate dL/dW_down per domain
   uint64_t seed = 0;
   std::string device = "cpu";     // cpu | cuda | cuda:N
+  std::string device_map;         // pipeline placement over several devices ("", "auto", "cuda:0,cuda:1")
   std::string dtype = "float32";  // float32 | bfloat16 | float16
   bool progress = true;           // progress bar on stderr
 

@@ -14,7 +14,7 @@
 // the same number of processes.
 //
 // Step order (one optimizer step = grad_accum micro-batches):
-//   for each micro-batch m:  loss_m = causal_lm_loss(forward(m)) [+ method.extra_loss() once per step]
+//   for each micro-batch m:  loss_m = chunked_causal_lm_loss(forward(m).last_hidden, head) [+ extra_loss()]
 //                            backward(loss_m * label_tokens_m / label_tokens_step)   (token-weighted mean)
 //   method.before_optimizer_step()   gradient masking / projection
 //   clip the global gradient norm (train.clip)
