@@ -78,8 +78,7 @@ LossResult heldout_loss(const model::Decoder& decoder, const text::Tokenizer* to
     if (!dist::owns(static_cast<int64_t>(b / bs))) continue;  // data parallel: batches round-robin
     const auto batch = data::make_batch(examples, b, e, pad);
     model::ForwardInput in;
-    in.input_ids = batch.input_ids.to(decoder.device());            // [B, T]
-    in.attention_mask = batch.attention_mask.to(decoder.device());  // [B, T]
+    in.input_ids = batch.input_ids.to(decoder.device());  // [B, T] right-padded: causal attention alone suffices
     const auto logits = decoder.forward(in).logits;                 // [B, T, V]
     const int64_t T = logits.size(1);
     if (T < 2) continue;
@@ -158,11 +157,9 @@ std::vector<double> continuation_logliks(const model::Decoder& decoder, const st
     }
     const int64_t B = static_cast<int64_t>(rows.size());
     auto ids = at::zeros({B, T}, at::kLong);      // [B, T] inputs (right-padded with 0)
-    auto mask = at::zeros({B, T}, at::kLong);     // [B, T]
     auto targets = at::zeros({B, T}, at::kLong);  // [B, T] next tokens
     auto sel = at::zeros({B, T}, at::kBool);      // [B, T] continuation positions
     auto ids_a = ids.accessor<int64_t, 2>();
-    auto mask_a = mask.accessor<int64_t, 2>();
     auto tgt_a = targets.accessor<int64_t, 2>();
     auto sel_a = sel.accessor<bool, 2>();
     for (int64_t i = 0; i < B; ++i) {
@@ -170,14 +167,12 @@ std::vector<double> continuation_logliks(const model::Decoder& decoder, const st
       const int64_t L = static_cast<int64_t>(seq.size()) - 1;
       for (int64_t t = 0; t < L; ++t) {
         ids_a[i][t] = seq[static_cast<size_t>(t)];
-        mask_a[i][t] = 1;
         tgt_a[i][t] = seq[static_cast<size_t>(t + 1)];
         sel_a[i][t] = t >= cont_start[static_cast<size_t>(i)];
       }
     }
     model::ForwardInput in;
-    in.input_ids = ids.to(decoder.device());
-    in.attention_mask = mask.to(decoder.device());
+    in.input_ids = ids.to(decoder.device());  // [B, T] right-padded: causal attention alone suffices
     const auto logits = decoder.forward(in).logits;  // [B, T, V]
     const auto sel_d = sel.to(logits.device());  // the output device (pipeline placement)
     const auto lp = target_logprobs(logits.index({sel_d}), targets.to(logits.device()).index({sel_d}));  // [N]

@@ -1,5 +1,6 @@
 // Greedy generation: one prefill over the left-padded batch, then one token per step through the
-// preallocated KV cache; rows that have stopped keep decoding padding but their output is frozen. Under a
+// preallocated KV cache, with the tokens kept on the device (the host checks for stops every few
+// steps); rows that have stopped keep decoding but their output ends at their stop token. Under a
 // pipeline placement the cache follows the layers' devices, the ids / mask / positions live on the
 // input device and the logits (hence each step's argmax) on the output device; forward() moves the
 // fed-back token to the input device.
@@ -47,30 +48,53 @@ std::vector<std::vector<int64_t>> greedy_generate(const Decoder& decoder, const 
   }
   ForwardOptions fo;
   fo.cache = &cache;
+  const int64_t N = options.max_new_tokens;
+  // The tokens stay on the device; the host looks at them every kStopCheckEvery steps (is every row
+  // stopped?) and once at the end, instead of synchronising on every step. Rows that stopped keep
+  // decoding (their later tokens are cut off below), exactly as when they were checked every step.
+  constexpr int64_t kStopCheckEvery = 16;
+  const at::Device out_dev = decoder.output_device();
+  at::Tensor generated = at::zeros({B, N}, at::TensorOptions().dtype(at::kLong).device(out_dev));  // [B, N]
+  at::Tensor full_mask;  // [B, T0 + N]: the prompt mask, then ones for the generated positions
+  if (padded) full_mask = at::cat({mask, at::ones({B, N}, mask.options())}, 1);
   at::Tensor next_pos = mask.sum(1, /*keepdim=*/true);  // [B, 1] position of the next token
-  std::vector<bool> done(B, false);
-  at::Tensor logits = decoder.forward(in, fo).logits;  // [B, T0, V]
-  for (int64_t step = 0; step < options.max_new_tokens; ++step) {
-    at::Tensor next = logits.select(1, logits.size(1) - 1).argmax(-1);  // [B] on the output device
-    at::Tensor next_cpu = next.to(at::kCPU);
-    bool all_done = true;
+  auto stopped = [&](const at::Tensor& tokens /*[B, n] host*/) {
+    auto t = tokens.accessor<int64_t, 2>();
     for (int64_t b = 0; b < B; ++b) {
-      if (done[b]) continue;
-      const int64_t tok = next_cpu[b].item<int64_t>();
-      out[b].push_back(tok);
-      if (std::find(options.stop_ids.begin(), options.stop_ids.end(), tok) != options.stop_ids.end()) done[b] = true;
-      all_done &= done[b];
+      bool stop = false;
+      for (int64_t j = 0; j < tokens.size(1) && !stop; ++j)
+        stop = std::find(options.stop_ids.begin(), options.stop_ids.end(), t[b][j]) != options.stop_ids.end();
+      if (!stop) return false;
     }
-    if (all_done || step + 1 == options.max_new_tokens) break;
+    return true;
+  };
+  int64_t steps = 0;
+  at::Tensor logits = decoder.forward(in, fo).logits;  // [B, T0, V]
+  for (int64_t step = 0; step < N; ++step) {
+    const at::Tensor next = logits.select(1, logits.size(1) - 1).argmax(-1);  // [B] on the output device
+    generated.select(1, step).copy_(next);
+    steps = step + 1;
+    if (steps == N) break;
+    if (!options.stop_ids.empty() && steps % kStopCheckEvery == 0 &&
+        stopped(generated.narrow(1, 0, steps).to(at::kCPU)))
+      break;
     ForwardInput step_in;
     step_in.input_ids = next.view({B, 1});
     if (padded) {
-      mask = at::cat({mask, at::ones({B, 1}, mask.options())}, 1);
-      step_in.attention_mask = mask;
+      step_in.attention_mask = full_mask.narrow(1, 0, T0 + steps);  // [B, past + 1]
       step_in.position_ids = next_pos;
     }
     next_pos = next_pos + 1;
     logits = decoder.forward(step_in, fo).logits;
+  }
+  // Each row up to and including its first stop token.
+  const at::Tensor host = generated.narrow(1, 0, steps).to(at::kCPU);  // [B, steps]
+  auto h = host.accessor<int64_t, 2>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < steps; ++j) {
+      out[b].push_back(h[b][j]);
+      if (std::find(options.stop_ids.begin(), options.stop_ids.end(), h[b][j]) != options.stop_ids.end()) break;
+    }
   }
   return out;
 }

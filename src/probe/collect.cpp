@@ -193,8 +193,8 @@ DomainStats collect_domain_stats(model::Decoder& decoder, const std::vector<data
 
     model::ForwardInput in;
     in.input_ids = batch.input_ids.to(dev);  // [B, T]
-    const bool padded = batch.num_tokens != B * T;
-    if (padded) in.attention_mask = batch.attention_mask.to(dev);  // [B, T]; none: SDPA's causal fast path
+    // Right-padded rows: causal attention alone is exact for the real tokens (the only ones read), and
+    // without a mask SDPA takes its fast kernels.
     model::ForwardOptions opt;
     opt.hook = &hook;
     if (!settings.gradient_overlap) {

@@ -174,8 +174,7 @@ double heldout_loss(const model::Decoder& decoder, const std::vector<data::Examp
     data::Batch batch = data::make_batch(examples, b, e, pad_id);
     if (batch.num_label_tokens == 0) continue;
     model::ForwardInput in;
-    in.input_ids = batch.input_ids.to(decoder.device());            // [B, T]
-    in.attention_mask = batch.attention_mask.to(decoder.device());  // [B, T]
+    in.input_ids = batch.input_ids.to(decoder.device());  // [B, T] right-padded: causal attention alone suffices
     auto out = decoder.forward(in);
     const double loss = model::causal_lm_loss(out.logits, batch.labels.to(decoder.device())).item<double>();
     sum += loss * static_cast<double>(batch.num_label_tokens);
@@ -507,9 +506,13 @@ TrainResult train(model::Decoder& decoder, Method& method, const std::vector<dat
       {
         AutocastGuard autocast(device);
         model::ForwardInput in;
-        in.input_ids = batch.input_ids.to(device);            // [B, T]
-        in.attention_mask = batch.attention_mask.to(device);  // [B, T]
-        if (batch.segment_ids.defined()) in.segment_ids = batch.segment_ids.to(device);  // [B, T] packed rows
+        in.input_ids = batch.input_ids.to(device);  // [B, T]
+        // Rows are right-padded, so causal attention alone is exact for every real token (no mask lets
+        // SDPA use its flash kernels); packed rows need their segments' block-diagonal mask.
+        if (batch.segment_ids.defined()) {
+          in.attention_mask = batch.attention_mask.to(device);  // [B, T]
+          in.segment_ids = batch.segment_ids.to(device);        // [B, T]
+        }
         model::ForwardOptions fo;
         fo.training = true;
         fo.hook = hook;
