@@ -66,14 +66,23 @@ std::string env_str(const char* name) {
 // Moves `t` to the backend's device as a contiguous tensor (a no-op when it already is one).
 at::Tensor on_backend(const at::Tensor& t) { return t.to(world().device).contiguous(); }
 
-void all_reduce(at::Tensor& t, c10d::ReduceOp op) {
+// Runs the collective `launch(tensors)` on `t` in place, through a contiguous copy on the backend's
+// device when `t` is not one already, and waits for it.
+template <typename Launch>
+void in_place(at::Tensor& t, Launch launch) {
   if (!active()) return;
   at::Tensor work = on_backend(t);
   std::vector<at::Tensor> v{work};
-  c10d::AllreduceOptions opts;
-  opts.reduceOp = op;
-  backend().allreduce(v, opts)->wait();
+  launch(v)->wait();
   if (!work.is_same(t)) t.copy_(work);
+}
+
+void all_reduce(at::Tensor& t, c10d::ReduceOp op) {
+  in_place(t, [&](std::vector<at::Tensor>& v) {
+    c10d::AllreduceOptions opts;
+    opts.reduceOp = op;
+    return backend().allreduce(v, opts);
+  });
 }
 
 }  // namespace
@@ -174,13 +183,11 @@ void all_reduce_sum(std::vector<at::Tensor>& ts) {
 }
 
 void broadcast(at::Tensor& t, int root) {
-  if (!active()) return;
-  at::Tensor work = on_backend(t);
-  std::vector<at::Tensor> v{work};
-  c10d::BroadcastOptions opts;
-  opts.rootRank = root;
-  backend().broadcast(v, opts)->wait();
-  if (!work.is_same(t)) t.copy_(work);
+  in_place(t, [&](std::vector<at::Tensor>& v) {
+    c10d::BroadcastOptions opts;
+    opts.rootRank = root;
+    return backend().broadcast(v, opts);
+  });
 }
 
 void barrier() {

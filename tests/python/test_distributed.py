@@ -20,7 +20,6 @@ torchrun (`python -m torch.distributed.run --no-python`) and, for the probe, Slu
 Args: --binary, --shared (unused), --repo. Exit 77 (ctest skip) when numpy / safetensors / torch are
 missing or the default model's tokenizer is absent (run scripts/setup.sh first).
 """
-import argparse
 import glob
 import json
 import os
@@ -32,7 +31,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_model import make_tiny_model  # noqa: E402
+from tiny_model import make_tiny_model, parse_args_or_skip  # noqa: E402
 
 LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
                "SLURM_LOCALID", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT")
@@ -340,20 +339,8 @@ def check_refusal(r, model, failures):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--binary", required=True)
-    ap.add_argument("--shared", default="")
-    ap.add_argument("--repo", required=True)
-    args = ap.parse_args()
-    try:
-        import numpy  # noqa: F401
-        import safetensors  # noqa: F401
-        import torch.distributed.run  # noqa: F401  (torchrun)
-    except ImportError as e:
-        print(f"skip: {e}")
-        return 77
-    if not os.path.exists(os.path.join(args.repo, "models", "smollm2-135m-instruct", "tokenizer.json")):
-        print("skip: models/smollm2-135m-instruct absent (scripts/setup.sh converts it)")
+    args = parse_args_or_skip(["numpy", "safetensors", "torch.distributed.run"])  # torchrun
+    if args is None:
         return 77
     r = Runner(os.path.abspath(args.binary), args.repo)
     failures = []

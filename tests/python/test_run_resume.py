@@ -18,7 +18,6 @@ training with a checkpoint every step, small evaluations, drift on.
 Args: --binary, --shared (unused), --repo. Exit 77 (ctest skip) when numpy / safetensors are missing or
 the default model's tokenizer is absent (run scripts/setup.sh first).
 """
-import argparse
 import glob
 import json
 import os
@@ -29,7 +28,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_model import make_tiny_model  # noqa: E402
+from tiny_model import make_tiny_model, parse_args_or_skip  # noqa: E402
 
 
 CONFIG = """
@@ -96,19 +95,8 @@ def load_jsons(root):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--binary", required=True)
-    ap.add_argument("--shared", default="")
-    ap.add_argument("--repo", required=True)
-    args = ap.parse_args()
-    try:
-        import numpy  # noqa: F401
-        import safetensors  # noqa: F401
-    except ImportError as e:
-        print(f"skip: {e}")
-        return 77
-    if not os.path.exists(os.path.join(args.repo, "models", "smollm2-135m-instruct", "tokenizer.json")):
-        print("skip: models/smollm2-135m-instruct absent (scripts/setup.sh converts it)")
+    args = parse_args_or_skip(["numpy", "safetensors"])
+    if args is None:
         return 77
 
     failures = []

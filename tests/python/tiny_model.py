@@ -1,8 +1,30 @@
 """A tiny random-weight llama with the default model's real tokenizer, for the CLI tests that run whole
 pipelines (test_run_resume.py, test_distributed.py): hidden 32, 2 layers, every step takes milliseconds.
-Not a test itself (ctest collects only test_*.py)."""
+Also their common command line and skip rule. Not a test itself (ctest collects only test_*.py)."""
+import argparse
+import importlib
 import json
 import os
+
+
+def parse_args_or_skip(modules):
+    """The tests' arguments (--binary, --shared (unused), --repo), or None after printing why the test must
+    be skipped (exit 77): one of the Python `modules` is missing, or the default model's tokenizer is."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--binary", required=True)
+    ap.add_argument("--shared", default="")
+    ap.add_argument("--repo", required=True)
+    args = ap.parse_args()
+    for m in modules:
+        try:
+            importlib.import_module(m)
+        except ImportError as e:
+            print(f"skip: {e}")
+            return None
+    if not os.path.exists(os.path.join(args.repo, "models", "smollm2-135m-instruct", "tokenizer.json")):
+        print("skip: models/smollm2-135m-instruct absent (scripts/setup.sh converts it)")
+        return None
+    return args
 
 
 def make_tiny_model(repo: str, out: str) -> None:
