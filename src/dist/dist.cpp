@@ -338,11 +338,12 @@ void GradientReducer::arm() {
   }
 }
 
-void GradientReducer::finish() {
-  if (!active()) return;
+int64_t GradientReducer::finish() {
+  if (!active()) return 0;
   State& s = *state_;
   std::lock_guard<std::mutex> lock(s.mutex);
   if (!s.armed) throw Error("dist: GradientReducer::finish() without arm()");
+  const int64_t sent_during_backward = static_cast<int64_t>(s.next_launch);
   // Buckets the backward did not complete (no gradient on this rank): their zeros still take part.
   while (s.next_launch < s.buckets.size()) s.launch(s.next_launch++);
   at::NoGradGuard no_grad;
@@ -360,6 +361,7 @@ void GradientReducer::finish() {
     bucket.flat = at::Tensor();
   }
   s.armed = false;
+  return sent_during_backward;
 }
 
 }  // namespace sparsecl::dist

@@ -528,7 +528,10 @@ TrainResult train(model::Decoder& decoder, Method& method, const std::vector<dat
       }
       loss_total.backward();
     }
-    reducer.finish();
+    const int64_t overlapped = reducer.finish();
+    if (dist::active())
+      log::debug("step ", st.step + 1, ": ", overlapped, " of ", reducer.num_buckets(),
+                 " gradient buckets were sent during the backward pass");
     loss_sum = dist::sum(loss_sum);
     method.before_optimizer_step(decoder, st.step);
 

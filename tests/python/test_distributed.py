@@ -23,6 +23,7 @@ missing or the default model's tokenizer is absent (run scripts/setup.sh first).
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -133,9 +134,14 @@ def check_training(r, tmp, model, failures):
                   "train.warmup_steps=1", *extra]
         one, two = os.path.join(tmp, f"{method}-1"), os.path.join(tmp, f"{method}-2")
         r.single(*common, "train.grad_accum=2", "--output", one)
-        log = r.torchrun(*common, "train.grad_accum=1", "--output", two)
+        log = r.torchrun("-v", *common, "train.grad_accum=1", "--output", two)
         if "rank 1 of 2" not in log and "rank 0 of 2" not in log:
             failures.append(f"{method}: the torchrun log does not show a 2-process job:\n{log[-2000:]}")
+        # The all-reduce overlaps the backward pass: buckets are sent from the gradient hooks.
+        overlap = re.findall(r"(\d+) of (\d+) gradient buckets were sent during the backward pass", log)
+        print(f"{method}: buckets sent during backward (per step and rank): {overlap}")
+        if not overlap or not all(int(k) > 0 for k, _ in overlap) or (method == "full" and int(overlap[0][1]) < 2):
+            failures.append(f"{method}: gradient buckets were not sent during the backward pass: {overlap}")
         l1, l2 = losses(one), losses(two)
         print(f"{method}: losses 1 process {l1}\n{method}: losses 2 ranks   {l2}")
         if len(l1) != 4 or len(l2) != 4 or max_rel_diff(l2, l1) > 1e-5:

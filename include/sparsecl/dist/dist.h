@@ -96,7 +96,8 @@ class GradientReducer {
   GradientReducer& operator=(const GradientReducer&) = delete;
 
   void arm();
-  void finish();
+  // Returns how many buckets the backward pass itself had sent (the rest are sent here): the overlap.
+  int64_t finish();
   int64_t num_buckets() const;
 
   struct State;  // the hooks point into it
