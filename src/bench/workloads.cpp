@@ -29,6 +29,7 @@
 #include "sparsecl/data/dataset.h"
 #include "sparsecl/io/provenance.h"
 #include "sparsecl/model/decoder.h"
+#include "sparsecl/model/loss.h"
 #include "sparsecl/model/generate.h"
 #include "sparsecl/model/lora.h"
 #include "sparsecl/probe/probe.h"
@@ -434,7 +435,9 @@ std::pair<at::Tensor, at::Tensor> lora_loss_and_grads(model::Decoder& decoder, c
   model::ForwardOptions fo;
   fo.training = true;
   fo.checkpoint_layers = checkpointing;
-  at::Tensor loss = model::causal_lm_loss(decoder.forward(in, fo).logits, ids);  // labels = the ids
+  fo.logits = false;
+  // The trainer's loss (chunked, from the last hidden states): its device numerics are what is checked.
+  at::Tensor loss = model::chunked_causal_lm_loss(decoder.forward(in, fo).last_hidden, decoder.head_weight(), ids);
   loss.backward();
   std::vector<at::Tensor> grads;
   for (const auto& [name, p] : params)
