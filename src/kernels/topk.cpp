@@ -1,12 +1,13 @@
-// Top-k of |h| per row: the CPU reference (std::nth_element with the (|h| desc, index asc) order, NaN
-// above +inf), the CUDA entry points (argument checks, strides, stream) and the device dispatch.
+// Top-k of |h| per row: the CPU reference (the k-th largest |h| by std::nth_element over order-preserving
+// integer keys, then one pass in index order: (|h| desc, index asc), NaN above +inf), the CUDA entry points (argument checks, strides, stream) and the device dispatch.
 #include "sparsecl/kernels/topk.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
+#include <cstring>
+#include <functional>
 #include <vector>
 
 #include "sparsecl/common/error.h"
@@ -21,25 +22,35 @@ namespace sparsecl::kernels {
 
 namespace detail {
 
+// |v| as an unsigned key whose order is the ranking order: the IEEE-754 bits of a non-negative float
+// grow with its value, and every NaN maps to the quiet NaN's bits, which lie above +inf's.
+inline uint32_t magnitude_key(float v) {
+  const float a = std::fabs(v);
+  if (std::isnan(a)) return 0x7FC00000u;
+  uint32_t bits;
+  std::memcpy(&bits, &a, sizeof bits);
+  return bits;
+}
+
 void topk_abs_rows_cpu(const at::Tensor& hf, int64_t k, int32_t* out) {
   const int64_t rows = hf.size(0), cols = hf.size(1);
   const float* data = hf.data_ptr<float>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> order(static_cast<size_t>(cols));
+    std::vector<uint32_t> keys(static_cast<size_t>(cols)), scratch(static_cast<size_t>(cols));
     for (int64_t r = begin; r < end; ++r) {
       const float* x = data + r * cols;
-      // a before b: |x_a| ranks higher; NaN ranks above everything; ties -> lower index
-      auto before = [x](int32_t a, int32_t b) {
-        const float va = std::fabs(x[a]), vb = std::fabs(x[b]);
-        const bool na = std::isnan(va), nb = std::isnan(vb);
-        if (na != nb) return na;
-        if (!na && va != vb) return va > vb;
-        return a < b;
-      };
-      std::iota(order.begin(), order.end(), 0);
-      std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), before);
-      std::sort(order.begin(), order.begin() + k);
-      std::copy(order.begin(), order.begin() + k, out + r * k);
+      for (int64_t j = 0; j < cols; ++j) keys[j] = magnitude_key(x[j]);
+      // t = the k-th largest key: every key above t is in the set, and keys equal to t fill the rest,
+      // lowest index first (the tie rule). One pass in index order emits them already sorted.
+      scratch = keys;
+      std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<uint32_t>());
+      const uint32_t t = scratch[k - 1];
+      int64_t equal_slots = k;
+      for (int64_t j = 0; j < cols; ++j) equal_slots -= keys[j] > t;
+      int32_t* o = out + r * k;
+      for (int64_t j = 0; j < cols; ++j) {
+        if (keys[j] > t || (keys[j] == t && equal_slots-- > 0)) *o++ = static_cast<int32_t>(j);
+      }
     }
   });
 }
