@@ -19,7 +19,8 @@ void join_job(const std::string& device_name) {
   if (launch.world_size <= 1) return;
   at::Device device = model::parse_device(device_name);
   if (device.is_cuda()) {
-    if (!device.has_index()) device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(launch.local_rank));
+    // A bare "cuda" means this process's GPU (parse_device would name the current one, cuda:0).
+    if (device_name == "cuda") device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(launch.local_rank));
     c10::impl::getDeviceGuardImpl(at::kCUDA)->setDevice(device);
   }
   dist::init(launch, device);

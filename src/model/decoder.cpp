@@ -8,6 +8,7 @@
 #include "sparsecl/model/decoder.h"
 
 #include <ATen/autocast_mode.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/accumulate_grad.h>
@@ -122,7 +123,10 @@ at::Device parse_device(const std::string& name) {
   if (name == "cpu") return at::Device(at::kCPU);
   if (name.rfind("cuda", 0) == 0) {
     if (!at::hasCUDA()) throw Error("device '" + name + "' requested but no CUDA device is available");
-    return at::Device(name);
+    const at::Device d(name);
+    // A bare "cuda" is the current device (cuda:LOCAL_RANK in a data-parallel job, cli::join_job), made
+    // explicit so that generators, guards and checkpoints all name the same GPU.
+    return d.has_index() ? d : c10::impl::getDeviceGuardImpl(at::kCUDA)->getDevice();
   }
   throw Error("unknown device '" + name + "' (supported: cpu, cuda, cuda:N)");
 }
