@@ -6,9 +6,10 @@ case runs the same work once as one process and once as two, launched the way cl
 torchrun (`python -m torch.distributed.run --no-python`) and, for the probe, Slurm's variables
 (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID + MASTER_ADDR/PORT) on two hand-started processes.
 
-1. finetune-lora and finetune-full (train.bucket_mb=1: several gradient buckets): 2 ranks x grad_accum 1
-   against 1 process x grad_accum 2 (the same global batch): the same loss curve and the same trained
-   tensors within float tolerance (the ranks' gradients are summed in another order).
+1. finetune-lora, -full (train.bucket_mb=1: several gradient buckets), -mask (its selection probe split),
+   -migu (its output norms summed) and -orth (its finish_stage covariances summed): 2 ranks x
+   grad_accum 1 against 1 process x grad_accum 2 (the same global batch): the same loss curve and the
+   same trained tensors / bases within float tolerance (the ranks' sums are added in another order).
 2. A 2-rank finetune-full killed with SIGKILL after a checkpoint and resumed with 2 ranks equals the
    uninterrupted 2-rank run bit for bit; resuming it as one process is refused.
 3. probe (with gradient overlap): counts, per-sequence sums, reservoir bitsets, top sets, IoUs and
@@ -124,11 +125,33 @@ def compare_tensors(one, two, rtol, what, failures, exact=()):
                 failures.append(f"{what}: {name}: relative difference {max_rel_diff(b, a):.3g} > {tol}")
 
 
+def compare_subspaces(one, two, tol, failures):
+    """orth bases U [in, k]: the same subspaces (projectors U U^T within tol). The columns themselves
+    may rotate inside a near-degenerate eigenspace when the covariance's sums are added in another order."""
+    import numpy as np
+    worst = 0.0
+    for name in sorted(one):
+        a, b = one[name].astype(np.float64), two[name].astype(np.float64)
+        if a.shape != b.shape:
+            failures.append(f"orth bases: {name}: {a.shape[1]} vs {b.shape[1]} directions")
+            continue
+        worst = max(worst, float(np.max(np.abs(a @ a.T - b @ b.T))))
+    print(f"orth: max |U U^T (1 process) - U U^T (2 ranks)| = {worst:.3g} over {len(one)} bases")
+    if worst > tol:
+        failures.append(f"orth bases: projectors differ by {worst:.3g} > {tol}")
+
+
 def check_training(r, tmp, model, failures):
     """Case 1: 2 ranks x grad_accum 1 == 1 process x grad_accum 2."""
     import numpy as np
     for method, product, extra in (("lora", "adapter_model.safetensors", ["lora.dropout=0", "lora.r=4"]),
-                                   ("full", "model.safetensors", ["train.bucket_mb=1"])):
+                                   ("full", "model.safetensors", ["train.bucket_mb=1"]),
+                                   # the selection probe (collect_domain_stats) runs split over the ranks
+                                   ("mask", "mask_deltas.safetensors", ["mask.ratio=0.25", "probe.batch_size=1"]),
+                                   # the per-step output norms are summed over the ranks
+                                   ("migu", "model.safetensors", ["migu.quantile=0.5"]),
+                                   # finish_stage's activation covariances are summed over the ranks
+                                   ("orth", "orth_bases.safetensors", ["lora.dropout=0", "lora.r=4"])):
         common = [f"finetune-{method}", "--model", model, "--data", "data/code/train.jsonl", "--steps", "4",
                   "--batch-size", "2", "--max-length", "96", "--lr", "1e-3", "--no-progress", "train.log_every=1",
                   "train.warmup_steps=1", *extra]
@@ -142,12 +165,18 @@ def check_training(r, tmp, model, failures):
         print(f"{method}: buckets sent during backward (per step and rank): {overlap}")
         if not overlap or not all(int(k) > 0 for k, _ in overlap) or (method == "full" and int(overlap[0][1]) < 2):
             failures.append(f"{method}: gradient buckets were not sent during the backward pass: {overlap}")
+        if method == "orth":  # the bases need no training equivalence, only the covariance reduction
+            compare_tensors(load_tensors(os.path.join(one, "adapter_model.safetensors")),
+                            load_tensors(os.path.join(two, "adapter_model.safetensors")), 1e-4, "orth adapter", failures)
         l1, l2 = losses(one), losses(two)
         print(f"{method}: losses 1 process {l1}\n{method}: losses 2 ranks   {l2}")
         if len(l1) != 4 or len(l2) != 4 or max_rel_diff(l2, l1) > 1e-5:
             failures.append(f"{method}: loss curves differ: {l1} vs {l2}")
         t1, t2 = load_tensors(os.path.join(one, product)), load_tensors(os.path.join(two, product))
-        compare_tensors(t1, t2, 1e-4, f"{method} {product}", failures)
+        if method == "orth":
+            compare_subspaces(t1, t2, 1e-4, failures)
+        else:
+            compare_tensors(t1, t2, 1e-4, f"{method} {product}", failures)
         base = load_tensors(os.path.join(model, "model.safetensors"))
         if method == "full":
             moved = max(float(np.max(np.abs(t2[k] - base[k]))) for k in base)
