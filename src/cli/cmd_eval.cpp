@@ -114,6 +114,7 @@ void run_eval(const EvalArgs& a) {
                           {"adapter", cli["adapter"]},
                           {"merged", a.merge},
                           {"seed", seeds.empty() ? json(nullptr) : json(seeds[0])},
+                          {"world_size", dist::world_size()},  // data-parallel processes that computed it
                           {"versions", io::software_versions()}};
   if (dist::is_main()) {
     fs::create_directories(out);

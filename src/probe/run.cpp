@@ -195,6 +195,7 @@ json run_probe(const std::vector<fs::path>& models, const std::vector<Domain>& d
       {"model", models[0].string()},
       {"models", model_list},
       {"seed", settings.seed},
+      {"world_size", dist::world_size()},  // data-parallel processes that computed it
       {"versions", io::software_versions()}};
 
   if (dist::is_main()) {  // data parallel: every rank holds the same reduced statistics; one writes

@@ -49,6 +49,7 @@ json provenance(const config::Config& cfg, const std::string& config_source, con
             {"config_hash", cfg.hash()},
             {"model", cfg.get<std::string>("model")},
             {"seed", seeds.size() == 1 ? json(seeds[0]) : json(seeds)},
+            {"world_size", dist::world_size()},  // data-parallel processes that computed it
             {"versions", io::software_versions()}};
   p.update(extra);
   return p;
