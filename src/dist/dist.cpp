@@ -260,7 +260,8 @@ struct GradientReducer::State {
     std::vector<at::Tensor> flats;
     for (size_t i : bucket.members) {
       const at::Tensor& p = *params[i];
-      flats.push_back(p.grad().defined() ? p.grad().reshape({-1}) : at::zeros({p.numel()}, p.options()));
+      // On the backend's device: under pipeline placement the gradients sit on several GPUs.
+      flats.push_back((p.grad().defined() ? p.grad().reshape({-1}) : at::zeros({p.numel()}, p.options())).to(world().device));
     }
     bucket.flat = on_backend(at::cat(flats));
     std::vector<at::Tensor> v{bucket.flat};
