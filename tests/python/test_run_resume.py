@@ -21,6 +21,7 @@ the default model's tokenizer is absent (run scripts/setup.sh first).
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,6 +173,37 @@ def main() -> int:
                 strip = lambda ls: [{kk: vv for kk, vv in json.loads(l).items() if kk not in ("tokens_per_s",)} for l in ls]
                 if strip(la) != strip(lb):
                     failures.append(f"{run_name} {stage} step log differs from the reference")
+
+        # lora.merge=false keeps every stage's adapter attached (frozen) under the next one instead of
+        # merging it: the same model up to float rounding, so the same metrics to 1e-4. With stage 2 removed
+        # and the run started again, stage 1's adapter is reapplied unmerged from its product and stage 2
+        # is redone: the metrics are identical.
+        stacked = os.path.join(tmp, "stacked")
+        stacked_cfg = os.path.join(tmp, "stacked.yaml")
+        with open(stacked_cfg, "w") as f:
+            f.write(CONFIG.format(model=model, output=stacked).replace("methods: [lora, full]", "methods: [lora]"))
+        overrides = ["lora.merge=false", "--no-report"]
+        metrics = []
+        for attempt in range(2):
+            if attempt == 1:  # stage 2 never happened: it is redone on stage 1's adapter, reapplied unmerged
+                shutil.rmtree(os.path.join(stacked, "lora-seed0", "stages", "2-math"))
+            p = run(args.binary, stacked_cfg, args.repo, overrides)
+            out, _ = p.communicate(timeout=900)
+            if p.returncode != 0:
+                print(out)
+                failures.append(f"lora.merge=false run {attempt + 1} exited {p.returncode}")
+                break
+            metrics.append(json.load(open(os.path.join(stacked, "lora-seed0", "metrics.json"))))
+        if len(metrics) == 2:
+            merged = ref.get("lora-seed0/metrics.json", {})
+            for key in ("heldout_loss", "R"):  # R's code column is minus the held-out loss in this config
+                a, b = metrics[0][key], merged.get(key)
+                diff = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+                print(f"lora.merge=false vs merged: max {key} difference {diff:.3g}")
+                if diff > 1e-4:
+                    failures.append(f"lora.merge=false differs from the merged run in {key}: {a} vs {b}")
+            if metrics[1]["heldout_loss"] != metrics[0]["heldout_loss"] or metrics[1]["R"] != metrics[0]["R"]:
+                failures.append("lora.merge=false: stage 2 redone on stage 1's adapter reapplied unmerged changed the metrics")
 
         # A different config must not write into this directory.
         other = os.path.join(tmp, "other.yaml")
