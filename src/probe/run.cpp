@@ -90,8 +90,38 @@ json run_probe(const std::vector<fs::path>& models, const std::vector<Domain>& d
   std::vector<std::pair<std::string, at::Tensor>> raw;
   json models_json = json::array();
 
+  json sj = settings.to_json();
+  json dl = json::array();
+  for (const auto& d : domains) dl.push_back({{"name", d.name}, {"file", d.file.string()}});
+  sj["domains"] = dl;
+  json config = info.config.is_null() ? json{{"settings", sj}, {"models", json::array()}} : info.config;
+  if (info.config.is_null())
+    for (const auto& m : models) config["models"].push_back(m.string());
+  const std::string config_hash = info.config_hash.empty() ? config::fnv1a64_hex(config.dump()) : info.config_hash;
+
+  // Resumable per model: each finished model's entry and raw tensors go to partial/model-<i>.* (the
+  // .json last), and a later start of the same config takes them instead of probing that model again.
+  // The directory is removed once probe.json is written.
+  const fs::path partial_dir = output_dir / "partial";
   for (size_t mi = 0; mi < models.size(); ++mi) {
     const fs::path& dir = models[mi];
+    const fs::path partial_json = partial_dir / ("model-" + std::to_string(mi) + ".json");
+    const fs::path partial_tensors = partial_dir / ("model-" + std::to_string(mi) + ".safetensors");
+    if (dist::main_says(fs::exists(partial_json))) {
+      const json saved = read_json_file(partial_json, "partial probe result");
+      if (saved.value("config_hash", "") == config_hash && saved.value("model", "") == dir.string()) {
+        auto tensors = io::load_safetensors(partial_tensors);
+        for (const auto& name : saved.at("tensors")) {
+          auto it = tensors.find(name.get<std::string>());
+          if (it == tensors.end()) throw Error(partial_tensors.string() + ": missing tensor '" + name.get<std::string>() + "'");
+          raw.push_back({it->first, it->second});
+        }
+        models_json.push_back(saved.at("entry"));
+        log::info("probe: model ", mi, " ", dir.string(), ": finished by an earlier start, taken from ", partial_json.string());
+        continue;
+      }
+      log::warn(partial_json.string(), ": from another config or model; probing model ", mi, " again");
+    }
     log::info("probe: model ", mi, " ", dir.string(), " (", settings.dtype, " on ", settings.device, ")");
     // Tokenize every domain before loading the weights: a bad record fails in seconds, not after
     // the first domains have been probed.
@@ -139,6 +169,7 @@ json run_probe(const std::vector<fs::path>& models, const std::vector<Domain>& d
       dom_json.push_back(std::move(dj));
     }
 
+    const size_t raw_before = raw.size();
     json layers = analyze(stats, settings, derive_seed(settings.seed, "analysis"), &raw, std::to_string(mi) + ".");
     const int64_t I = cfg.intermediate_size, K = top_count(settings.top_ratio, I);
     double iou_sum = 0, ratio_sum = 0, ratio_min = 1e300, ratio_max = -1e300;
@@ -174,24 +205,26 @@ json run_probe(const std::vector<fs::path>& models, const std::vector<Domain>& d
     models_json.push_back(std::move(mj));
     log::info("probe: model ", mi, ": mean IoU ", models_json.back()["mean_iou"].get<double>(), " vs random ",
               random_iou(K, I), " (ratio ", models_json.back()["mean_ratio"].get<double>(), ")");
+    if (dist::is_main() && mi + 1 < models.size()) {  // the last model's result goes straight to probe.json
+      fs::create_directories(partial_dir);
+      const std::vector<std::pair<std::string, at::Tensor>> mine(raw.begin() + static_cast<std::ptrdiff_t>(raw_before), raw.end());
+      json names = json::array();
+      for (const auto& [name, t] : mine) names.push_back(name);
+      io::save_safetensors(partial_tensors, mine, {{"producer", "sparsecl " SPARSECL_VERSION}});
+      write_file_atomic(partial_json, json{{"config_hash", config_hash}, {"model", dir.string()}, {"tensors", names},
+                                          {"entry", models_json.back()}}.dump() + "\n");
+    }
   }
 
   json doc;
   doc["layers"] = models_json[0]["layers"];
   doc["models"] = models_json;
-  json sj = settings.to_json();
-  json dl = json::array();
-  for (const auto& d : domains) dl.push_back({{"name", d.name}, {"file", d.file.string()}});
-  sj["domains"] = dl;
   doc["settings"] = sj;
-  json config = info.config.is_null() ? json{{"settings", sj}, {"models", json::array()}} : info.config;
-  if (info.config.is_null())
-    for (const auto& m : models) config["models"].push_back(m.string());
   json model_list = json::array();
   for (const auto& m : models) model_list.push_back(m.string());
   doc["provenance"] = {
       {"config", config},
-      {"config_hash", info.config_hash.empty() ? config::fnv1a64_hex(config.dump()) : info.config_hash},
+      {"config_hash", config_hash},
       {"model", models[0].string()},
       {"models", model_list},
       {"seed", settings.seed},
@@ -204,6 +237,7 @@ json run_probe(const std::vector<fs::path>& models, const std::vector<Domain>& d
                           {"config_hash", doc["provenance"]["config_hash"].get<std::string>()},
                           {"score", score_name(settings.score)}});
     write_file_atomic(output_dir / "probe.json", doc.dump(1) + "\n");  // last: marks the probe complete
+    remove_tree(partial_dir);
     log::info("probe: wrote ", (output_dir / "probe.json").string(), " and probe_stats.safetensors (", raw.size(),
               " tensors)");
   }
