@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Device check of the top-k / statistics / IoU kernels, for the GPU machine after `bash .device/build.sh`
-# has built build-gpu/: the kernel tests (CUDA cases against the CPU reference), compute-sanitizer
+# has built build-gpu/: the kernel tests (CUDA cases against the CPU reference), the core suite's CUDA
+# cases (probe, pipeline placement, chunked loss), compute-sanitizer
 # memcheck + racecheck on a few small cases, `sparsecl bench kernels` (bf16 1% = the H200 target,
 # bf16 5% = the probe default, float32 1%; bf16 1% again with SPARSECL_TOPK_VPT=16, the other
 # register tier, to choose the default) and one Nsight Compute summary of the fast top-k kernel.
@@ -26,6 +27,9 @@ step() {  # step NAME TIMEOUT CMD...: run, tee to $OUT/NAME.log, remember a fail
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 
 step kernel_tests 100 "$B/tests/sparsecl_kernel_tests" --gtest_brief=1
+# The core suite's GPU cases: the probe on CUDA vs the CPU, a cuda:0 + cpu pipeline split vs the CPU
+# (two-GPU cases skip on one GPU), the chunked LM loss under bf16 autocast vs float32 on the CPU.
+step core_cuda_tests 120 "$B/tests/sparsecl_tests" --gtest_brief=1 --gtest_filter='*Cuda*'
 
 SMALL='Kernels/TopkCuda.MatchesCpuReference/*_5x100_*:Kernels/TopkCuda.MatchesCpuReference/*x4099_k_41_BFloat16_contiguous:'
 SMALL+='Kernels/TopkCuda.MatchesCpuReference/*_19x4099_k_41_Float_colslice:Kernels/TopkCuda.MatchesCpuReference/*_23x4096_k_41_BFloat16_ties:'

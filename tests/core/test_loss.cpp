@@ -1,7 +1,9 @@
 // chunked_causal_lm_loss against the obviously right formulation, causal_lm_loss(h W^T, labels): the
 // loss and the gradients with respect to the hidden states and the head, for chunk sizes that split the
-// label tokens unevenly, fit them exactly, or exceed them; ignored labels; a tied (shared) head.
+// label tokens unevenly, fit them exactly, or exceed them; ignored labels; a tied (shared) head; and on a
+// GPU under bf16 autocast against the float32 CPU values.
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <gtest/gtest.h>
 
 #include "sparsecl/common/error.h"
@@ -77,6 +79,33 @@ TEST(ChunkedLoss, FrozenHeadGetsNoGradient) {
   chunked_causal_lm_loss(c.hidden, c.head, c.labels, 4).backward();
   EXPECT_TRUE(c.hidden.grad().defined());
   EXPECT_FALSE(c.head.grad().defined());
+}
+
+TEST(ChunkedLossCuda, Bf16AutocastMatchesFloat32Cpu) {
+  // The trainer's setting on a GPU: bf16 autocast, fp32 hidden states and a trainable fp32 head.
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  const Case c = make_case(4, 33, 64, 301, 5);
+  const auto [ref_loss, ref_dh, ref_dw] = value_and_grads(c, [](const at::Tensor& h, const at::Tensor& w, const at::Tensor& l) {
+    return causal_lm_loss(at::matmul(h, w.t()), l);
+  });
+  Case g;
+  g.hidden = c.hidden.detach().cuda().set_requires_grad(true);
+  g.head = c.head.detach().cuda().set_requires_grad(true);
+  g.labels = c.labels.cuda();
+  const auto [loss, dh, dw] = value_and_grads(g, [](const at::Tensor& h, const at::Tensor& w, const at::Tensor& l) {
+    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+    at::autocast::set_autocast_enabled(at::kCUDA, true);
+    at::Tensor out = chunked_causal_lm_loss(h, w, l, 50);
+    at::autocast::set_autocast_enabled(at::kCUDA, false);
+    at::autocast::clear_cache();
+    return out;
+  });
+  auto rel = [](const at::Tensor& a, const at::Tensor& b) {
+    return (a.cpu() - b).abs().max().item<double>() / b.abs().max().item<double>();
+  };
+  EXPECT_NEAR(loss, ref_loss, 2e-3 * std::abs(ref_loss));  // the bench's bf16 tolerances
+  EXPECT_LT(rel(dh, ref_dh), 5e-2);
+  EXPECT_LT(rel(dw, ref_dw), 5e-2);
 }
 
 TEST(ChunkedLoss, RejectsBadInput) {
