@@ -314,17 +314,7 @@ TEST(Checkpointing, TrainerMatchesAndResumes) {
   o.stop_after = 0;
   o.resume = true;
   run(split.path, o);
-  auto read = [](const fs::path& f) {
-    std::vector<json> lines;
-    std::ifstream in(f);
-    std::string line;
-    while (std::getline(in, line)) {
-      json j = json::parse(line);
-      j.erase("tokens_per_s");
-      lines.push_back(j);
-    }
-    return lines;
-  };
+  const auto read = testing_support::read_step_log;
   const auto a = read(plain.path / "train_log.jsonl"), c = read(ckpt.path / "train_log.jsonl"),
              s = read(split.path / "train_log.jsonl");
   ASSERT_EQ(a.size(), 4u);

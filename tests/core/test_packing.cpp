@@ -100,17 +100,6 @@ train::TrainOptions packed_options(int64_t steps) {
   return o;
 }
 
-std::vector<json> read_log(const fs::path& file) {
-  std::vector<json> lines;
-  std::ifstream in(file);
-  std::string line;
-  while (std::getline(in, line)) {
-    json j = json::parse(line);
-    j.erase("tokens_per_s");
-    lines.push_back(j);
-  }
-  return lines;
-}
 
 }  // namespace
 
@@ -277,7 +266,8 @@ TEST(Packing, TrainerResumeIsBitExactWithPacking) {
     o.resume = true;
     train::train(dec, method, ex, o, split.path, {json{{"t", 1}}, "h", kModel.string()});
   }
-  const auto a = read_log(full.path / "train_log.jsonl"), b = read_log(split.path / "train_log.jsonl");
+  const auto a = testing_support::read_step_log(full.path / "train_log.jsonl"),
+             b = testing_support::read_step_log(split.path / "train_log.jsonl");
   ASSERT_EQ(a.size(), 5u);
   ASSERT_EQ(b.size(), 5u);
   for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i].dump(), b[i].dump()) << "step " << i + 1;

@@ -1,11 +1,14 @@
-// Helpers shared by the core test files: a per-test temporary directory.
+// Helpers shared by the core test files: a per-test temporary directory, a trainer step log.
 #pragma once
 
 #include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 namespace sparsecl::testing_support {
 
@@ -23,5 +26,18 @@ struct TempDir {
   TempDir(const TempDir&) = delete;
   TempDir& operator=(const TempDir&) = delete;
 };
+
+// A train_log.jsonl's lines without their wall-time field (tokens_per_s), for comparing two runs.
+inline std::vector<nlohmann::json> read_step_log(const std::filesystem::path& file) {
+  std::vector<nlohmann::json> lines;
+  std::ifstream in(file);
+  std::string line;
+  while (std::getline(in, line)) {
+    nlohmann::json j = nlohmann::json::parse(line);
+    j.erase("tokens_per_s");
+    lines.push_back(j);
+  }
+  return lines;
+}
 
 }  // namespace sparsecl::testing_support

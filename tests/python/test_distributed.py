@@ -33,7 +33,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_model import make_tiny_model, parse_args_or_skip  # noqa: E402
+from tiny_model import make_tiny_model, parse_args_or_skip, report, untimed  # noqa: E402
 
 LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
                "SLURM_LOCALID", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT")
@@ -276,15 +276,6 @@ def check_probe(r, tmp, model, failures):
     print(f"probe: {len(ref_stats)} tensors compared for torchrun and slurm launches")
 
 
-def untimed(x):
-    """`x` without its wall-time fields (the only ones two runs of the same work may disagree on)."""
-    if isinstance(x, dict):
-        return {k: untimed(v) for k, v in x.items() if k not in ("seconds", "tokens_per_s")}
-    if isinstance(x, list):
-        return [untimed(v) for v in x]
-    return x
-
-
 def check_eval(r, tmp, model, failures):
     """Case 4: eval over two ranks scores exactly what one process scores."""
     common = ["eval", "--model", model, "--domains", "math,medical", "--max-samples", "3", "--heldout-samples", "5",
@@ -387,10 +378,7 @@ def main():
             case(r, tmp, model, failures)
             print(f"{case.__name__}: {time.time() - t0:.1f} s")
         check_refusal(r, model, failures)
-    for f in failures:
-        print("FAIL:", f)
-    print("OK" if not failures else f"{len(failures)} failure(s)")
-    return 1 if failures else 0
+    return report(failures)
 
 
 if __name__ == "__main__":

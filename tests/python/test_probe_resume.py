@@ -20,15 +20,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_model import make_tiny_model, parse_args_or_skip  # noqa: E402
-
-
-def untimed(x):
-    if isinstance(x, dict):
-        return {k: untimed(v) for k, v in x.items() if k not in ("seconds", "tokens_per_s")}
-    if isinstance(x, list):
-        return [untimed(v) for v in x]
-    return x
+from tiny_model import make_tiny_model, parse_args_or_skip, report, untimed  # noqa: E402
 
 
 def main():
@@ -105,10 +97,7 @@ def main():
             print(f"resumed: {len(sb)} tensors and {len(b['models'])} models equal the uninterrupted run")
         shutil.rmtree(out, ignore_errors=True)
 
-    for f in failures:
-        print("FAIL:", f)
-    print("OK" if not failures else f"{len(failures)} failure(s)")
-    return 1 if failures else 0
+    return report(failures)
 
 
 if __name__ == "__main__":

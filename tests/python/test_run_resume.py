@@ -29,7 +29,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_model import make_tiny_model, parse_args_or_skip  # noqa: E402
+from tiny_model import make_tiny_model, parse_args_or_skip, report  # noqa: E402
 
 
 CONFIG = """
@@ -213,10 +213,7 @@ def main() -> int:
         if r.returncode == 0 or "another config" not in (r.stdout + r.stderr):
             failures.append("a run with a different config was not refused in the same directory")
 
-    for f in failures:
-        print("FAIL:", f)
-    print("ok" if not failures else f"{len(failures)} failure(s)")
-    return 1 if failures else 0
+    return report(failures, ok="ok")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """A tiny random-weight llama with the default model's real tokenizer, for the CLI tests that run whole
 pipelines (test_run_resume.py, test_distributed.py): hidden 32, 2 layers, every step takes milliseconds.
-Also their common command line and skip rule. Not a test itself (ctest collects only test_*.py)."""
+Also their common command line, skip rule, result report and timing-free comparison. Not a test itself
+(ctest collects only test_*.py)."""
 import argparse
 import importlib
 import json
@@ -53,3 +54,20 @@ def make_tiny_model(repo: str, out: str) -> None:
                             ("mlp.down_proj", (H, I))):
             t[p + name + ".weight"] = rng.normal(0, 0.1, shape)
     save_file({k: v.astype(np.float32) for k, v in t.items()}, os.path.join(out, "model.safetensors"))
+
+
+def untimed(x):
+    """`x` without its wall-time fields (the only ones two runs of the same work may disagree on)."""
+    if isinstance(x, dict):
+        return {k: untimed(v) for k, v in x.items() if k not in ("seconds", "tokens_per_s")}
+    if isinstance(x, list):
+        return [untimed(v) for v in x]
+    return x
+
+
+def report(failures, ok="OK"):
+    """Prints the failures (or `ok`) and returns the exit code."""
+    for f in failures:
+        print("FAIL:", f)
+    print(ok if not failures else f"{len(failures)} failure(s)")
+    return 1 if failures else 0
