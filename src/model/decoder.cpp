@@ -24,6 +24,7 @@
 #include "sparsecl/common/error.h"
 #include "sparsecl/common/log.h"
 #include "sparsecl/io/safetensors.h"
+#include "sparsecl/model/fused_ops.h"
 
 namespace sparsecl::model {
 namespace fs = std::filesystem;
@@ -34,14 +35,6 @@ std::string shape_str(at::IntArrayRef s) {
   std::string out = "[";
   for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
   return out + "]";
-}
-
-// HF LlamaRMSNorm: normalise in fp32, cast back, then scale by the weight.
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  at::Tensor h = x.to(at::kFloat);
-  at::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
-  h = h * at::rsqrt(variance + eps);
-  return weight * h.to(x.scalar_type());
 }
 
 at::Tensor rotate_half(const at::Tensor& x) {
@@ -65,12 +58,6 @@ at::Tensor rope_inverse_frequencies(const ModelConfig& c) {
   at::Tensor smoothed = (1 - smooth) * scaled / factor + smooth * scaled;
   at::Tensor is_medium = (wavelen >= high_freq_wavelen).logical_and(wavelen <= low_freq_wavelen);
   return at::where(is_medium, smoothed, scaled);
-}
-
-at::Tensor activation(const at::Tensor& x, const std::string& act) {
-  if (act == "silu") return at::silu(x);
-  if (act == "gelu") return at::gelu(x);
-  return at::gelu(x, "tanh");  // gelu_pytorch_tanh (validated in ModelConfig)
 }
 
 }  // namespace
@@ -605,7 +592,8 @@ at::Tensor Decoder::layer_forward(int64_t l, const at::Tensor& x_in, const Layer
   residual = x;
   h = rms_norm(x, L.post_attention_layernorm.weight, c.rms_norm_eps);
   if (hook) (*hook)(HookPoint::MlpInput, l, h);
-  at::Tensor act = activation(linear(h, L.gate_proj, ctx.training), c.hidden_act) * linear(h, L.up_proj, ctx.training);
+  at::Tensor act =
+      gated_activation(linear(h, L.gate_proj, ctx.training), linear(h, L.up_proj, ctx.training), c.hidden_act);  // [B, T, I]
   if (hook) (*hook)(HookPoint::MlpIntermediate, l, act);
   if (ctx.mlp_act) ctx.mlp_act->push_back(act);
   x = residual + linear(act, L.down_proj, ctx.training);

@@ -254,8 +254,7 @@ TEST(Checkpointing, GraphKeepsOneNodePerLayer) {
   const int64_t L = dec.config().num_hidden_layers;
   EXPECT_EQ(c.count("sparsecl::LayerCheckpointBackward") ? c.at("sparsecl::LayerCheckpointBackward") : 0, L);
   EXPECT_EQ(a.count("sparsecl::LayerCheckpointBackward"), 0u);
-  EXPECT_GT(a.count("SiluBackward0"), 0u);
-  EXPECT_EQ(c.count("SiluBackward0"), 0u);
+  EXPECT_GT(a.count("TransposeBackward0"), 0u);  // the attention's head transposes, inside every layer
   EXPECT_EQ(c.count("TransposeBackward0"), 0u);
   EXPECT_LT(total(c) * 5, total(a));
   // Without grad mode the option changes nothing (no Node, no recomputation).
