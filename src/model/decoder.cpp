@@ -707,7 +707,10 @@ ForwardOutput Decoder::forward(const ForwardInput& in, const ForwardOptions& opt
   x = rms_norm(x.to(output_device()), norm_.weight, c.rms_norm_eps);  // [B, T, H] on the head device
   out.last_hidden = x;
   if (opt.hidden_states) out.hidden_states.push_back(x);
-  if (opt.logits) out.logits = at::linear(x, config_.tie_word_embeddings ? embed_tokens_ : lm_head_);
+  if (opt.logits) {
+    const int64_t keep = opt.logits_to_keep > 0 ? std::min(opt.logits_to_keep, T) : T;
+    out.logits = at::linear(x.narrow(1, T - keep, keep), head_weight());  // [B, keep, V]
+  }
   return out;
 }
 

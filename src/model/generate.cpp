@@ -48,6 +48,7 @@ std::vector<std::vector<int64_t>> greedy_generate(const Decoder& decoder, const 
   }
   ForwardOptions fo;
   fo.cache = &cache;
+  fo.logits_to_keep = 1;  // only the last position's logits are read
   const int64_t N = options.max_new_tokens;
   // The tokens stay on the device; the host looks at them every kStopCheckEvery steps (is every row
   // stopped?) and once at the end, instead of synchronising on every step. Rows that stopped keep
@@ -69,9 +70,9 @@ std::vector<std::vector<int64_t>> greedy_generate(const Decoder& decoder, const 
     return true;
   };
   int64_t steps = 0;
-  at::Tensor logits = decoder.forward(in, fo).logits;  // [B, T0, V]
+  at::Tensor logits = decoder.forward(in, fo).logits;  // [B, 1, V]
   for (int64_t step = 0; step < N; ++step) {
-    const at::Tensor next = logits.select(1, logits.size(1) - 1).argmax(-1);  // [B] on the output device
+    const at::Tensor next = logits.select(1, 0).argmax(-1);  // [B] on the output device
     generated.select(1, step).copy_(next);
     steps = step + 1;
     if (steps == N) break;

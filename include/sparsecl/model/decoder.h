@@ -176,6 +176,10 @@ struct ForwardInput {
 
 struct ForwardOptions {
   bool logits = true;          // the LM head (skip it when only activations are wanted)
+  // When > 0, logits only for the last logits_to_keep positions ([B, keep, V], as HF's logits_to_keep):
+  // generation needs the last position's alone, and the full [B, T, V] prefill logits of a large batch
+  // would be gigabytes.
+  int64_t logits_to_keep = 0;
   bool hidden_states = false;  // HF convention: L+1 entries, the last after the final norm
   bool mlp_act = false;        // every layer's down_proj input
   bool training = false;       // enables LoRA dropout
@@ -197,7 +201,7 @@ struct ForwardOptions {
 // the layer that produced them, the last hidden state on the head device. Hooks likewise see each
 // layer's activations on that layer's device.
 struct ForwardOutput {
-  at::Tensor logits;                      // [B, T, V] in the compute dtype
+  at::Tensor logits;                      // [B, T, V] (or [B, logits_to_keep, V]) in the compute dtype
   at::Tensor last_hidden;                 // [B, T, H] after the final norm
   std::vector<at::Tensor> hidden_states;  // [B, T, H] x (L+1) when asked for
   std::vector<at::Tensor> mlp_act;        // [B, T, I] x L when asked for
