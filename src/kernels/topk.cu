@@ -1,5 +1,5 @@
-// CUDA per-row top-k of |h| (order: |h| desc, then index asc; NaN above +inf): one block per row,
-// exact radix select on integer keys, outputs built from shared-memory bitsets.
+// CUDA per-row top-k of |h| (order: |h| desc, then index asc; NaN above +inf): one block per row at a
+// time, exact radix select on integer keys, outputs built from shared-memory bitsets.
 //
 // Keys: |x| as its bit pattern with the sign cleared (monotone for non-negative floats): 15 bits for
 // bf16/f16, 31 for f32; every NaN is mapped to one key just above +inf ("canonical key").
@@ -15,10 +15,19 @@
 //   3. exact radix select over the candidates: threshold key T and the number of ties at T to take.
 // Full kernel (large k, long rows, retried rows): radix select over the whole row (8-bit digits,
 // shared-memory histograms), re-reading the row from global memory / L2 in each pass.
-// Both: selected = {key > T} plus the lowest-index `need` elements with key == T, as bitsets in shared
+// Staged kernel (TopkPath::kStaged, a candidate for the default; same applicability as the fast kernel
+// plus 16-byte alignment and two row buffers fitting 2+ blocks per SM): a persistent grid (block b takes
+// rows b, b + gridDim.x, ...) that copies each row into shared memory with cp.async one row ahead
+// (double buffering), so that the next row's loads overlap the current row's selection; per row the
+// fast kernel's steps 1-3 on the staged copy, with the threshold guess t = T_prev - margin from the
+// block's previous row (the sample select only when that count misses [k, cap]) and warp-aggregated
+// histogram updates. Rows it cannot settle go on the same retry list.
+// All: selected = {key > T} plus the lowest-index `need` elements with key == T, as bitsets in shared
 // memory; a block scan turns them into ascending indices; bitset rows are stored as 64-bit words.
 // Tuning: SPARSECL_TOPK_VPT=4|8|16 overrides the fast kernel's vectors per thread (default 8 when the
-// row fits: 224 threads for I = 14336 bf16, 61 registers, 4 blocks per SM).
+// row fits: 224 threads for I = 14336 bf16, 61 registers, 4 blocks per SM); SPARSECL_TOPK_STAGED_THREADS
+// (a multiple of 32, at most 512) the staged kernel's threads per block (default 512: 32 registers on
+// sm_90; 72.4 KB of shared memory for I = 14336 bf16, k = 143, so 3 blocks per SM on an H200).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -34,6 +43,7 @@ namespace sparsecl::kernels::detail {
 namespace {
 
 constexpr int kMaxThreads = 512;
+constexpr int kStagedThreads = 512;     // staged kernel: default threads per block (see staged_threads)
 constexpr int kMaxCap = 8192;           // candidate buffer limit (entries of 8 bytes)
 constexpr unsigned kFull = 0xffffffffu;
 
@@ -44,6 +54,7 @@ struct Bf16Keys {
   static constexpr int kKeyBits = 16;
   static constexpr bool kPacked = true;
   static constexpr uint32_t kNanKey = 0x7F81u;  // +inf is 0x7F80
+  static constexpr uint32_t kGuessMargin = 16;    // 16 of 128 mantissa steps: 6-12% below in value
 };
 struct F16Keys {
   using Scalar = uint16_t;
@@ -51,6 +62,7 @@ struct F16Keys {
   static constexpr int kKeyBits = 16;
   static constexpr bool kPacked = true;
   static constexpr uint32_t kNanKey = 0x7C01u;  // +inf is 0x7C00
+  static constexpr uint32_t kGuessMargin = 16u << 3;  // 10 mantissa bits: the same relative margin
 };
 struct F32Keys {
   using Scalar = uint32_t;
@@ -58,6 +70,7 @@ struct F32Keys {
   static constexpr int kKeyBits = 32;
   static constexpr bool kPacked = false;
   static constexpr uint32_t kNanKey = 0x7F800001u;  // +inf is 0x7F800000
+  static constexpr uint32_t kGuessMargin = 16u << 16;  // 23 mantissa bits: the same relative margin
 };
 
 struct Params {
@@ -69,9 +82,9 @@ struct Params {
   unsigned long long* counts;
   const bool* row_mask;
   int64_t rows;
-  int sample_rank;  // fast kernel: rank of the threshold in the sample
-  int cap;          // fast kernel: candidate capacity
-  int* retry;       // rows the fast kernel left for the full kernel ...
+  int sample_rank;  // fast / staged kernel: rank of the threshold in the sample
+  int cap;          // fast / staged kernel: candidate capacity
+  int* retry;       // rows the fast / staged kernel left for the full kernel ...
   int* retry_count; // ... and how many
   bool vec_ok;      // 16-byte loads allowed (base and row stride aligned)
 };
@@ -94,6 +107,16 @@ __device__ __forceinline__ uint32_t raw_key(const uint4& u, int e) {
 template <class K>
 __device__ __forceinline__ uint32_t canon(uint32_t raw) {
   return min(raw, K::kNanKey);
+}
+
+// Clears the sign bits of a vector's elements (leaves their raw |x| keys).
+template <class K>
+__device__ __forceinline__ void clear_signs(uint4& u) {
+  constexpr uint32_t M = K::kPacked ? 0x7FFF7FFFu : 0x7FFFFFFFu;
+  u.x &= M;
+  u.y &= M;
+  u.z &= M;
+  u.w &= M;
 }
 
 // Loads vector v (elements v*kVec ...) of a row and clears the sign bits; elements >= cols read as 0.
@@ -124,11 +147,7 @@ __device__ __forceinline__ uint4 load_vec(const typename K::Scalar* row, int v, 
     }
     u = make_uint4(w[0], w[1], w[2], w[3]);
   }
-  constexpr uint32_t M = K::kPacked ? 0x7FFF7FFFu : 0x7FFFFFFFu;
-  u.x &= M;
-  u.y &= M;
-  u.z &= M;
-  u.w &= M;
+  clear_signs<K>(u);
   return u;
 }
 
@@ -186,7 +205,10 @@ __device__ int block_excl_scan(int x, int* scratch, int* total) {
 // Exact selection: the k-th largest key (1 <= k <= number of items) among the items each thread
 // passes to f in visit(f). Returns the key T; *need = k - #(items > T) (>= 1: ties at T to take).
 // 8-bit digits from the top; hist: 256 counters, scratch[40..41] used. Synchronises.
-template <int KEY_BITS, class Visit>
+// kWarpAgg: visit calls f(key, valid) instead of f(key), in the same loop trip in all 32 lanes of a warp
+// (warp-uniform trip counts; valid false for lanes without an item), and the lanes of a warp that hit
+// the same bin add to it once (leader = lowest lane of the group). Needs blockDim.x % 32 == 0.
+template <int KEY_BITS, bool kWarpAgg = false, class Visit>
 __device__ uint32_t radix_select(Visit&& visit, int k, uint32_t* hist, int* scratch, int* need) {
   uint32_t prefix = 0, pmask = 0;
   int remaining = k;
@@ -194,9 +216,21 @@ __device__ uint32_t radix_select(Visit&& visit, int k, uint32_t* hist, int* scra
   for (int shift = KEY_BITS - 8; shift >= 0; shift -= 8) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
     __syncthreads();
-    visit([&](uint32_t key) {
-      if ((key & pmask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
-    });
+    if constexpr (kWarpAgg) {
+      visit([&](uint32_t key, bool valid) {
+        const bool hit = valid && (key & pmask) == prefix;
+        if (__ballot_sync(kFull, hit) != 0u) {  // warp-uniform branch
+          const uint32_t bin = hit ? (key >> shift) & 255u : 256u;  // 256: no bin (never added)
+          const unsigned peers = __match_any_sync(kFull, bin);
+          if (hit && static_cast<int>(threadIdx.x & 31u) == __ffs(peers) - 1)
+            atomicAdd(&hist[bin], static_cast<uint32_t>(__popc(peers)));
+        }
+      });
+    } else {
+      visit([&](uint32_t key) {
+        if ((key & pmask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+      });
+    }
     __syncthreads();
     if (threadIdx.x < 32) {
       // lane l owns bins 255-8l down to 248-8l; counts above a lane = exclusive scan in that order
@@ -237,7 +271,8 @@ __device__ uint32_t radix_select(Visit&& visit, int k, uint32_t* hist, int* scra
 
 // ---- the kernels ----------------------------------------------------------------------------------
 // Dynamic shared memory (32-bit words): hist[256] | scratch[64] | sel[nw32] | tie[nw32] |
-// cand_key[cap] | cand_idx[cap] (cap = 0 for the full kernel).
+// cand_key[cap] | cand_idx[cap] (cap = 0 for the full kernel); the staged kernel puts its two row
+// buffers in front of this.
 struct Smem {
   uint32_t* hist;
   int* scratch;
@@ -253,6 +288,45 @@ __device__ __forceinline__ Smem carve_smem(uint4* raw, int nw32, int cap) {
   s.cand_key = s.tie + nw32;
   s.cand_idx = s.cand_key + cap;
   return s;
+}
+
+// 2. (candidates) Appends the keys >= t of one 32-bit word of a sign-masked vector, whose first element
+// is element idx0 of the row, to s.cand_key / s.cand_idx at slot, slot + 1, ... (advancing slot).
+template <class K>
+__device__ __forceinline__ void gather_word(uint32_t word, uint32_t t, uint32_t add, int idx0, const Smem& s,
+                                            int& slot) {
+  const uint32_t m = ge_bits<K>(word, t, add);
+  if (m != 0u) {
+    if constexpr (K::kPacked) {
+      if (m & 0x8000u) {
+        s.cand_key[slot] = canon<K>(word & 0xFFFFu);
+        s.cand_idx[slot] = idx0;
+        ++slot;
+      }
+      if (m & 0x80000000u) {
+        s.cand_key[slot] = canon<K>(word >> 16);
+        s.cand_idx[slot] = idx0 + 1;
+        ++slot;
+      }
+    } else {
+      s.cand_key[slot] = canon<K>(word);
+      s.cand_idx[slot] = idx0;
+      ++slot;
+    }
+  }
+}
+
+// 3. (after the select over the `total` candidates) Marks sel = {key > T} and tie = {key == T} in the
+// zeroed bitsets; the caller synchronises before reading them.
+__device__ __forceinline__ void mark_candidates(const Smem& s, int total, uint32_t T) {
+  for (int i = threadIdx.x; i < total; i += blockDim.x) {
+    const uint32_t key = s.cand_key[i], idx = s.cand_idx[i];
+    if (key > T) {
+      atomicOr(&s.sel[idx >> 5], 1u << (idx & 31));
+    } else if (key == T) {
+      atomicOr(&s.tie[idx >> 5], 1u << (idx & 31));
+    }
+  }
 }
 
 // 4. With sel = {key > T} and tie = {key == T} marked, take the `need` lowest-index ties, then write
@@ -372,28 +446,8 @@ __global__ void __launch_bounds__(kMaxThreads) topk_abs_fast_kernel(Params p) {
   for (int j = 0; j < VPT; ++j) {
     const int vbase = (tid + j * bd) * V;
 #pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      const uint32_t word = u4_get(regs[j], w);
-      const uint32_t m = ge_bits<K>(word, t, add);
-      if (m != 0u) {
-        if constexpr (K::kPacked) {
-          if (m & 0x8000u) {
-            s.cand_key[slot] = canon<K>(word & 0xFFFFu);
-            s.cand_idx[slot] = vbase + 2 * w;
-            ++slot;
-          }
-          if (m & 0x80000000u) {
-            s.cand_key[slot] = canon<K>(word >> 16);
-            s.cand_idx[slot] = vbase + 2 * w + 1;
-            ++slot;
-          }
-        } else {
-          s.cand_key[slot] = canon<K>(word);
-          s.cand_idx[slot] = vbase + w;
-          ++slot;
-        }
-      }
-    }
+    for (int w = 0; w < 4; ++w)
+      gather_word<K>(u4_get(regs[j], w), t, add, vbase + (K::kPacked ? 2 * w : w), s, slot);
   }
   __syncthreads();
 
@@ -404,16 +458,161 @@ __global__ void __launch_bounds__(kMaxThreads) topk_abs_fast_kernel(Params p) {
         for (int i = tid; i < total; i += bd) f(s.cand_key[i]);
       },
       p.k, s.hist, s.scratch, &need);
-  for (int i = tid; i < total; i += bd) {
-    const uint32_t key = s.cand_key[i], idx = s.cand_idx[i];
-    if (key > T) {
-      atomicOr(&s.sel[idx >> 5], 1u << (idx & 31));
-    } else if (key == T) {
-      atomicOr(&s.tie[idx >> 5], 1u << (idx & 31));
+  mark_candidates(s, total, T);
+  __syncthreads();
+  finish_row(p, s, row, need);
+}
+
+// ---- staged kernel ----------------------------------------------------------------------------------
+// 16-byte asynchronous copy global -> shared memory, cached in L2 only (the row is read once).
+__device__ __forceinline__ void cp_async16(uint4* dst, const uint4* src) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(__cvta_generic_to_global(src))
+               : "memory");
+}
+// Closes this thread's copies issued since the last commit into one group (possibly empty).
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most N of this thread's most recently committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait_prior() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Issues this thread's copies (v = tid, tid + bd, ...) of a row's first nfull vectors into buf.
+// rowp: 16-byte aligned (Params::vec_ok).
+__device__ __forceinline__ void stage_row(uint4* buf, const void* rowp, int nfull) {
+  const uint4* src = static_cast<const uint4*>(rowp);
+  for (int v = threadIdx.x; v < nfull; v += blockDim.x) cp_async16(buf + v, src + v);
+}
+
+// One row of the staged kernel, from its copy buf[nvec] in shared memory (sign bits still set; vectors
+// past the row's end hold zeros): the fast kernel's steps 1-3 and finish_row. The threshold guess comes
+// from the block's previous settled row (t_prev, valid when have_prev; uniform over the block) and is
+// updated here. A row whose candidate count misses [k, cap] with both the guess and the sample
+// threshold goes to p.retry, unwritten. All threads call it; it synchronises, and its last shared-memory
+// accesses need a barrier before buf or the bitsets are reused.
+template <class K>
+__device__ __forceinline__ void staged_row(const Params& p, const Smem& s, const uint4* buf, int64_t row,
+                                           uint32_t& t_prev, bool& have_prev) {
+  constexpr int V = K::kVec;
+  const int tid = threadIdx.x, bd = blockDim.x, nvec = p.nvec;
+  for (int i = tid; i < p.nw32; i += bd) {  // the scans / selects below synchronise before the marking
+    s.sel[i] = 0u;
+    s.tie[i] = 0u;
+  }
+  // number of keys >= t (1 <= t <= kNanKey, so padding zeros never count) in this thread's vectors
+  auto count_ge = [&](uint32_t t) {
+    const uint32_t add = K::kPacked ? (0x8000u - t) * 0x10001u : 0u;
+    int n = 0;
+    for (int v = tid; v < nvec; v += bd) {
+      uint4 u = buf[v];
+      clear_signs<K>(u);
+#pragma unroll
+      for (int w = 0; w < 4; ++w) n += __popc(ge_bits<K>(u4_get(u, w), t, add));
+    }
+    return n;
+  };
+
+  // 1. t with k <= #(keys >= t) <= cap: first the previous row's threshold lowered by a margin (rows of
+  // one batch have similar magnitudes), else the sample threshold of the fast kernel. Any such t gives
+  // the exact result: the candidates {keys >= t} contain the k largest.
+  uint32_t t = 0;
+  int total = 0, slot = 0;
+  bool ok = false;
+  if (have_prev) {
+    t = t_prev > K::kGuessMargin ? t_prev - K::kGuessMargin : 1u;
+    slot = block_excl_scan(count_ge(t), s.scratch, &total);
+    ok = total >= p.k && total <= p.cap;
+  }
+  if (!ok) {
+    int unused;
+    t = radix_select<K::kKeyBits, true>(
+        [&](auto&& f) {
+          for (int v0 = 0; v0 < nvec; v0 += bd) {  // the same trip count in all lanes
+            const int v = v0 + tid;
+            const bool valid = v < nvec;
+            uint4 u = make_uint4(valid ? buf[v].x : 0u, 0u, 0u, 0u);  // element 0 of the vector
+            clear_signs<K>(u);
+            f(canon<K>(raw_key<K>(u, 0)), valid);
+          }
+        },
+        p.sample_rank, s.hist, s.scratch, &unused);
+    slot = block_excl_scan(t > 0 ? count_ge(t) : 0, s.scratch, &total);
+    ok = t > 0 && total >= p.k && total <= p.cap;
+  }
+  if (!ok) {  // uniform: leave the row to the full kernel
+    if (tid == 0) p.retry[atomicAdd(p.retry_count, 1)] = static_cast<int>(row);
+    return;
+  }
+
+  // 2. gather the candidates, in the order count_ge counted them
+  {
+    const uint32_t add = K::kPacked ? (0x8000u - t) * 0x10001u : 0u;
+    for (int v = tid; v < nvec; v += bd) {
+      uint4 u = buf[v];
+      clear_signs<K>(u);
+#pragma unroll
+      for (int w = 0; w < 4; ++w) gather_word<K>(u4_get(u, w), t, add, v * V + (K::kPacked ? 2 * w : w), s, slot);
     }
   }
   __syncthreads();
+
+  // 3. exact threshold among the candidates, mark, outputs
+  int need;
+  const uint32_t T = radix_select<K::kKeyBits, true>(
+      [&](auto&& f) {
+        for (int i0 = 0; i0 < total; i0 += bd) {  // the same trip count in all lanes
+          const int i = i0 + tid;
+          const bool valid = i < total;
+          f(valid ? s.cand_key[i] : 0u, valid);
+        }
+      },
+      p.k, s.hist, s.scratch, &need);
+  mark_candidates(s, total, T);
+  __syncthreads();
   finish_row(p, s, row, need);
+  t_prev = T;
+  have_prev = true;
+}
+
+// Staged kernel: a persistent grid (gridDim.x <= rows); block b handles rows b, b + gridDim.x, ... Each
+// row is copied into shared memory with cp.async one iteration ahead, into two alternating buffers, so
+// that the next row's loads run while the current row is selected. Dynamic shared memory:
+// buf[2][nvec] (uint4) | the fast kernel's layout (carve_smem, with cap). Needs p.vec_ok,
+// blockDim.x % 32 == 0, and p.retry (same meaning as for the fast kernel).
+template <class K>
+__global__ void __launch_bounds__(kMaxThreads) topk_abs_staged_kernel(Params p) {
+  constexpr int V = K::kVec;
+  using Scalar = typename K::Scalar;
+  extern __shared__ uint4 smem_u4[];
+
+  const int nvec = p.nvec;
+  const int nfull = p.cols / V;  // whole vectors, copied by cp.async; a partial last one (nfull < nvec)
+                                 // is loaded directly, zero-padded
+  const Smem s = carve_smem(smem_u4 + 2 * nvec, p.nw32, p.cap);
+  const Scalar* const h = static_cast<const Scalar*>(p.h);
+  const int64_t stride = p.row_stride, grid = gridDim.x;
+
+  stage_row(smem_u4, h + blockIdx.x * stride, nfull);  // the first row into buffer 0
+  cp_async_commit();
+  uint32_t t_prev = 0;     // the threshold key of the block's last settled row ...
+  bool have_prev = false;  // ... once there is one (both uniform over the block)
+  int it = 0;
+#pragma unroll 1
+  for (int64_t row = blockIdx.x; row < p.rows; row += grid, ++it) {
+    uint4* const buf = smem_u4 + (it & 1) * nvec;  // this row, copies issued in the previous iteration
+    const Scalar* const rowp = h + row * stride;
+    // The other buffer held the previous row; the barrier that ended the previous iteration follows
+    // every read of it, so the next row can be copied into it now.
+    if (row + grid < p.rows) stage_row(smem_u4 + ((it + 1) & 1) * nvec, rowp + grid * stride, nfull);
+    cp_async_commit();  // exactly one group per iteration: "all but the newest" is this row's
+    if (nfull < nvec && threadIdx.x == 0) buf[nfull] = load_vec<K, true>(rowp, nfull, p.cols, true);
+    cp_async_wait_prior<1>();
+    __syncthreads();  // every thread's copies of this row (and the tail) are visible
+    if (p.row_mask == nullptr || p.row_mask[row])  // uniform over the block
+      staged_row<K>(p, s, buf, row, t_prev, have_prev);
+    __syncthreads();  // buf, bitsets, candidates and scratch are free for the next iterations
+  }
 }
 
 // Full kernel: exact radix select over the whole row, re-read from global memory (L2) in every pass.
@@ -492,6 +691,24 @@ void check_cuda(cudaError_t err, const char* what) {
     throw Error(std::string("CUDA error in ") + what + ": " + cudaGetErrorString(err));
 }
 
+int round32(int64_t x) { return static_cast<int>(std::max<int64_t>(32, (x + 31) / 32 * 32)); }
+
+// Threads per block of the staged kernel for rows of nvec vectors: kStagedThreads, or
+// SPARSECL_TOPK_STAGED_THREADS (a multiple of 32 in [32, 512]; a tuning hook), at most one per vector.
+// Why 512, the most a block may have: at I = 14336 bf16, k = 143 a block needs 72.4 KB of shared memory
+// (two 28 KB row buffers), so shared memory alone caps an SM at 3 blocks (H200; 2 on an A100) whatever
+// their size, and 3 x 512 threads fit the register file (32 registers per thread on sm_90, 40 on sm_80).
+// The per-row phases are barrier-separated passes over the staged row (3-4 vectors per thread at 512):
+// more threads per block shorten each phase while the rows in flight per SM stay the same.
+int staged_threads(int64_t nvec) {
+  static const int forced = [] {
+    const char* e = std::getenv("SPARSECL_TOPK_STAGED_THREADS");
+    return e != nullptr ? std::atoi(e) : 0;
+  }();
+  const int want = forced >= 32 && forced <= kMaxThreads && forced % 32 == 0 ? forced : kStagedThreads;
+  return std::min(want, round32(nvec));
+}
+
 template <class Kernel>
 void launch_kernel(Kernel kernel, const Params& p, int64_t blocks, int threads, size_t smem, cudaStream_t stream,
                    const char* what) {
@@ -500,6 +717,33 @@ void launch_kernel(Kernel kernel, const Params& p, int64_t blocks, int threads, 
                what);
   kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(p);
   check_cuda(cudaGetLastError(), what);
+}
+
+// Staged kernel, for TopkPath::kStaged once the fast kernel's conditions hold and p.sample_rank, p.cap
+// and p.retry are set (smem: the fast kernel's shared memory for that cap). Launches it and returns true
+// when it applies: 16-byte loads allowed, and the two row buffers on top of smem leave room for at least
+// 2 blocks of `threads` per SM; returns false, launching nothing, otherwise.
+template <class K>
+bool launch_staged(const Params& p, size_t smem, int threads, int sms, int optin, cudaStream_t stream) {
+  if (!p.vec_ok) return false;
+  const size_t staged_smem = smem + 2 * sizeof(uint4) * static_cast<size_t>(p.nvec);
+  if (staged_smem > static_cast<size_t>(optin)) return false;
+  const auto kernel = topk_abs_staged_kernel<K>;
+  // Blocks per SM are bounded by shared memory: prefer the largest shared-memory carveout (the kernel
+  // hardly uses L1), allow the dynamic size, then ask the occupancy calculator.
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                  static_cast<int>(cudaSharedmemCarveoutMaxShared)),
+             "topk_abs staged");
+  if (staged_smem > 48 * 1024)
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(staged_smem)),
+               "topk_abs staged");
+  int per_sm = 0;
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, staged_smem), "topk_abs staged");
+  if (per_sm < 2) return false;
+  const int64_t blocks = std::min<int64_t>(p.rows, static_cast<int64_t>(sms) * per_sm);  // persistent grid
+  kernel<<<static_cast<unsigned>(blocks), threads, staged_smem, stream>>>(p);
+  check_cuda(cudaGetLastError(), "topk_abs staged");
+  return true;
 }
 
 template <class K>
@@ -534,7 +778,6 @@ void launch_kind(const TopkLaunch& a, cudaStream_t stream) {
   // Fast kernel: the row must fit in registers (vectors per thread VPT, at most 512 threads), and the
   // candidate buffer must be small. With s = nvec sampled keys and q the sample rank, #(keys >= t) is
   // about q * cols / s with relative spread 1/sqrt(q); cap leaves 8 standard deviations plus 256.
-  auto round32 = [](int64_t x) { return static_cast<int>(std::max<int64_t>(32, (x + 31) / 32 * 32)); };
   const int64_t nvec = p.nvec;
   int vpt = 0, threads = 0;
   if (nvec <= 4 * 64) {
@@ -555,8 +798,8 @@ void launch_kind(const TopkLaunch& a, cudaStream_t stream) {
     vpt = forced_vpt;
     threads = round32((nvec + vpt - 1) / vpt);
   }
-  bool fast = false;
-  if (vpt > 0 && a.path == TopkPath::kAuto && a.workspace != nullptr) {
+  bool fast = false;  // the fast or the staged kernel ran: the full kernel takes the rows they left
+  if (vpt > 0 && a.path != TopkPath::kFull && a.workspace != nullptr) {
     const double ks = static_cast<double>(a.k) * nvec / a.cols;
     const int64_t q = static_cast<int64_t>(std::ceil(2.0 * ks + 4.0 * std::sqrt(ks) + 8.0));
     const double scale = static_cast<double>(a.cols) / nvec;
@@ -570,14 +813,16 @@ void launch_kind(const TopkLaunch& a, cudaStream_t stream) {
       p.retry = a.workspace + 1;
       p.retry_count = a.workspace;
       check_cuda(cudaMemsetAsync(a.workspace, 0, sizeof(int32_t), stream), "topk_abs workspace");
-      switch (vpt) {
-        case 4: launch_kernel(topk_abs_fast_kernel<K, 4>, p, a.rows, threads, smem, stream, "topk_abs fast"); break;
-        case 8: launch_kernel(topk_abs_fast_kernel<K, 8>, p, a.rows, threads, smem, stream, "topk_abs fast"); break;
-        default: launch_kernel(topk_abs_fast_kernel<K, 16>, p, a.rows, threads, smem, stream, "topk_abs fast"); break;
+      if (a.path != TopkPath::kStaged || !launch_staged<K>(p, smem, staged_threads(nvec), sms, optin, stream)) {
+        switch (vpt) {
+          case 4: launch_kernel(topk_abs_fast_kernel<K, 4>, p, a.rows, threads, smem, stream, "topk_abs fast"); break;
+          case 8: launch_kernel(topk_abs_fast_kernel<K, 8>, p, a.rows, threads, smem, stream, "topk_abs fast"); break;
+          default: launch_kernel(topk_abs_fast_kernel<K, 16>, p, a.rows, threads, smem, stream, "topk_abs fast"); break;
+        }
       }
     }
   }
-  // Full kernel: every row, or the rows the fast kernel left (their count is only known on the device:
+  // Full kernel: every row, or the rows the fast / staged kernel left (their count is only known on the device:
   // a fixed grid loops over them, most blocks exit at once when there are none).
   if (!fast) {
     p.retry = nullptr;

@@ -1,6 +1,8 @@
 // Top-k of |h| per row: the CPU reference against hand-worked cases and torch::topk, argument errors,
-// and the CUDA kernel (both algorithm paths) against the CPU reference exactly: ties, NaN/inf, k = 1,
-// k = I, N = 1, odd sizes, non-contiguous inputs, float32 / bfloat16 / float16. CUDA cases skip when no
+// and the CUDA kernel (every algorithm path: auto, full, staged) against the CPU reference exactly: ties,
+// NaN/inf, k = 1, k = I, N = 1, odd sizes, non-contiguous inputs, float32 / bfloat16 / float16, and
+// batches with many more rows than the staged path's persistent blocks (rows of very different scales,
+// rows left to the full kernel among normal ones; top-k counts under a row mask). CUDA cases skip when no
 // GPU is present but are always compiled.
 #include <gtest/gtest.h>
 
@@ -14,6 +16,10 @@
 #include "sparsecl/common/error.h"
 #include "sparsecl/kernels/iou.h"
 #include "sparsecl/kernels/topk.h"
+
+#ifdef SPARSECL_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 using namespace sparsecl::kernels;
 
@@ -119,7 +125,8 @@ namespace {
 struct Case {
   int64_t rows, cols, k;
   torch::Dtype dtype;
-  std::string layout;  // contiguous | transposed | colslice | rowstep | ties | nan | sample_high | sample_low
+  // contiguous | transposed | colslice | rowstep | ties | nan | sample_high | sample_low | rowscale | mixed
+  std::string layout;
 };
 
 std::string case_name(const Case& c) {
@@ -154,17 +161,25 @@ static torch::Tensor make_input(const Case& c, torch::Device device) {
     x.masked_fill_((u >= 0.01) & (u < 0.02), -std::numeric_limits<float>::infinity());
     x.masked_fill_((u >= 0.02) & (u < 0.03), std::numeric_limits<float>::infinity());
     h = x.to(c.dtype).to(device);
-  } else if (c.layout == "sample_high" || c.layout == "sample_low") {
+  } else if (c.layout == "sample_high" || c.layout == "sample_low" || c.layout == "mixed") {
     // The kernel samples element 0 of every 8 (16-bit) / 4 (float32) elements. Make the samples
     // systematically larger (or smaller) than the rest so the sample threshold misses and rows take
-    // the exact fallback.
+    // the exact fallback. mixed: rows 1, 4, 7, ... like sample_high, the others normal.
     const int64_t vec = c.dtype == torch::kFloat ? 4 : 8;
     auto x = torch::rand({c.rows, c.cols}) + 1.0;  // [1, 2)
     auto is_sample = (torch::arange(c.cols) % vec == 0).unsqueeze(0).expand({c.rows, c.cols});
     auto big = torch::exp(torch::rand({c.rows, c.cols}) * 8.0) * 100.0;  // distinct, > 100
     auto tiny = torch::rand({c.rows, c.cols}) * 1e-3;
-    x = torch::where(is_sample, c.layout == "sample_high" ? big : tiny, x);
+    x = torch::where(is_sample, c.layout == "sample_low" ? tiny : big, x);
+    if (c.layout == "mixed") {
+      auto skewed_row = (torch::arange(c.rows) % 3 == 1).unsqueeze(1).expand({c.rows, c.cols});
+      x = torch::where(skewed_row, x, torch::randn({c.rows, c.cols}));
+    }
     h = x.to(c.dtype).to(device);
+  } else if (c.layout == "rowscale") {
+    // each row scaled by exp(U(-6, 6)): a row's threshold says little about the next row's
+    auto scale = torch::exp(torch::rand({c.rows, 1}) * 12.0 - 6.0);  // [N, 1]
+    h = (torch::randn({c.rows, c.cols}) * scale).to(c.dtype).to(device);
   } else {
     h = torch::randn({c.rows, c.cols}).to(c.dtype).to(device);
   }
@@ -180,8 +195,11 @@ TEST_P(TopkCuda, MatchesCpuReference) {
   auto h = make_input(c, torch::kCUDA);
   auto want_idx = topk_abs_indices_cpu(h, c.k);
   auto want_bits = topk_abs_bitset_cpu(h, c.k);
-  for (auto path : {sparsecl::kernels::detail::TopkPath::kAuto, sparsecl::kernels::detail::TopkPath::kFull}) {
-    const std::string tag = case_name(c) + (path == sparsecl::kernels::detail::TopkPath::kAuto ? " auto" : " full");
+  using sparsecl::kernels::detail::TopkPath;
+  for (auto path : {TopkPath::kAuto, TopkPath::kFull, TopkPath::kStaged}) {
+    const std::string tag = case_name(c) + (path == TopkPath::kAuto   ? " auto"
+                                            : path == TopkPath::kFull ? " full"
+                                                                      : " staged");
     auto idx = topk_abs_indices_cuda(h, c.k, path);
     auto bits = topk_abs_bitset_cuda(h, c.k, path);
     ASSERT_TRUE(idx.is_cuda());
@@ -222,7 +240,15 @@ static std::vector<Case> cuda_cases() {
     cases.push_back({23, 4096, 60, dt, "nan"});
     cases.push_back({23, 4096, 400, dt, "sample_high"});
     cases.push_back({23, 4096, 40, dt, "sample_low"});
+    // many more rows than the staged path's persistent blocks (a few hundred on an H200): each block
+    // runs its row loop several times; the previous row's threshold misses often (rowscale), rows go
+    // to the full kernel between settled ones (mixed)
+    cases.push_back({2400, 4096, 41, dt, "rowscale"});
   }
+  cases.push_back({2000, 14336, 143, torch::kBFloat16, "contiguous"});
+  cases.push_back({1500, 4099, 41, torch::kFloat, "contiguous"});  // partial last vector
+  cases.push_back({1200, 4096, 400, torch::kBFloat16, "mixed"});
+  cases.push_back({1200, 4096, 400, torch::kFloat, "mixed"});
   return cases;
 }
 
@@ -233,6 +259,38 @@ INSTANTIATE_TEST_SUITE_P(Kernels, TopkCuda, ::testing::ValuesIn(cuda_cases()),
                              if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
                            return std::to_string(info.index) + "_" + s;
                          });
+
+// The top-k counts with a row mask (the neuron statistics' use), through the launch interface, which
+// takes the path: every path against the CPU reference over the unmasked rows.
+TEST(TopkCudaExtra, CountsWithRowMaskAllPaths) {
+  REQUIRE_CUDA();
+#ifdef SPARSECL_WITH_CUDA
+  using sparsecl::kernels::detail::TopkPath;
+  const Case c{1500, 4096, 41, torch::kBFloat16, "rowscale"};
+  auto h = make_input(c, torch::kCUDA);                            // [N, I] contiguous
+  auto mask = torch::rand({c.rows}) < 0.7;                         // [N] bool, CPU
+  auto sel = topk_abs_indices_cpu(h.cpu().index({mask}), c.k);     // [M, k]
+  auto want = torch::bincount(sel.flatten().to(torch::kLong), {}, c.cols);  // [I] int64
+  auto mask_dev = mask.to(torch::kCUDA);
+  for (auto path : {TopkPath::kAuto, TopkPath::kFull, TopkPath::kStaged}) {
+    auto counts = torch::zeros({c.cols}, h.options().dtype(torch::kLong));    // [I]
+    auto workspace = torch::empty({c.rows + 1}, h.options().dtype(torch::kInt));  // [N + 1]
+    sparsecl::kernels::detail::TopkLaunch a;
+    a.h = h.data_ptr();
+    a.rows = c.rows;
+    a.cols = c.cols;
+    a.row_stride = h.stride(0);
+    a.k = c.k;
+    a.kind = sparsecl::kernels::detail::ScalarKind::bf16;
+    a.counts = counts.data_ptr<int64_t>();
+    a.row_mask = mask_dev.data_ptr<bool>();
+    a.path = path;
+    a.workspace = workspace.data_ptr<int32_t>();
+    sparsecl::kernels::detail::launch_topk_abs(a, c10::cuda::getCurrentCUDAStream().stream());
+    expect_equal(counts, want, "counts, path " + std::to_string(static_cast<int>(path)));
+  }
+#endif
+}
 
 TEST(TopkCudaExtra, LargeBatchAgreesWithTorchValues) {
   REQUIRE_CUDA();

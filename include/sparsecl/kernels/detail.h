@@ -30,8 +30,12 @@ enum class ScalarKind : int { f32 = 0, bf16 = 1, f16 = 2 };
 
 // Which algorithm the top-k kernel uses for a row. kAuto: sample-threshold + candidate filter when the
 // row fits in registers and k is small enough, with an exact fallback to kFull per row; kFull: radix
-// select over the whole row (what large k and fallback rows use). Results are identical.
-enum class TopkPath : int { kAuto = 0, kFull = 1 };
+// select over the whole row (what large k and fallback rows use); kStaged: where kAuto's filter applies
+// and the rows are 16-byte aligned, the same filter in persistent blocks that stage rows in shared
+// memory with cp.async (double-buffered) and guess each row's threshold from the previous one, with the
+// same per-row fallback to kFull; elsewhere exactly kAuto (a candidate default, chosen only by
+// measurement). Results are identical.
+enum class TopkPath : int { kAuto = 0, kFull = 1, kStaged = 2 };
 
 struct TopkLaunch {
   const void* h = nullptr;  // [rows, cols] with inner stride 1, rows row_stride elements apart
