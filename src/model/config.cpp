@@ -92,11 +92,13 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
   c.mlp_bias = optional_or<bool>(j, "mlp_bias", false, source);
   if (c.model_type == "qwen2") {
     c.qkv_bias = true;  // hard-wired in Qwen2Attention
-    const bool sliding = optional_or<bool>(j, "use_sliding_window", false, source);
-    if (sliding) c.sliding_window = optional_or<int64_t>(j, "sliding_window", 4096, source);
   } else {
     c.qkv_bias = c.o_bias = optional_or<bool>(j, "attention_bias", false, source);
   }
+  // Qwen2 / Qwen3 use their sliding_window only when use_sliding_window is set (and then on some layers:
+  // the bound below applies it to all, which only ever refuses more inputs than needed).
+  if ((c.model_type == "qwen2" || c.model_type == "qwen3") && optional_or<bool>(j, "use_sliding_window", false, source))
+    c.sliding_window = optional_or<int64_t>(j, "sliding_window", 4096, source);
   c.qk_norm = (c.model_type == "qwen3");
   if (c.model_type == "mistral") {
     if (j.contains("sliding_window") && !j["sliding_window"].is_null())

@@ -163,3 +163,39 @@ TEST(Safetensors, MalformedHeaderIsAnError) {
 }
 
 }  // namespace
+
+namespace {
+
+// A Qwen2 / Qwen3 config that turns its sliding window on bounds the input length (sparsecl implements
+// full attention only, so it refuses longer inputs rather than attend beyond the window); off, no bound.
+TEST(BadInput, QwenSlidingWindowBoundsTheInputLength) {
+  for (const std::string name : {"qwen2", "qwen3"}) {
+    nlohmann::json j;
+    {
+      std::ifstream in(kModels / name / "config.json");
+      j = nlohmann::json::parse(in);
+    }
+    j["sliding_window"] = 4;
+    j["use_sliding_window"] = false;
+    EXPECT_FALSE(model::ModelConfig::from_json(j, name).sliding_window.has_value()) << name;
+    j["use_sliding_window"] = true;
+    const auto c = model::ModelConfig::from_json(j, name);
+    ASSERT_TRUE(c.sliding_window.has_value()) << name;
+    EXPECT_EQ(*c.sliding_window, 4) << name;
+    const fs::path dir = copy_model(name, "window");
+    std::ofstream(dir / "config.json") << j.dump();
+    const auto dec = model::Decoder::load(dir, at::kFloat, at::kCPU);
+    model::ForwardInput in;
+    in.input_ids = at::ones({1, 4}, at::kLong);
+    EXPECT_NO_THROW(dec.forward(in)) << name;
+    in.input_ids = at::ones({1, 5}, at::kLong);
+    try {
+      dec.forward(in);
+      FAIL() << name << ": 5 tokens past a window of 4 should be refused";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("sliding_window"), std::string::npos) << e.what();
+    }
+  }
+}
+
+}  // namespace

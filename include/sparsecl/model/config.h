@@ -32,7 +32,7 @@ struct ModelConfig {
   int64_t num_key_value_heads = 0;
   int64_t head_dim = 0;  // qwen3 (and newer llama/mistral configs) set it independently of hidden/heads
   int64_t max_position_embeddings = 0;
-  std::optional<int64_t> sliding_window;  // mistral; inputs longer than it are rejected
+  std::optional<int64_t> sliding_window;  // mistral, qwen2/3 with use_sliding_window: longer inputs are rejected
   double rms_norm_eps = 1e-6;
   std::string hidden_act = "silu";
   RopeConfig rope;
