@@ -144,6 +144,7 @@ void ModelBenchOptions::validate() const {
     throw Error("bench model: --gen-batch, --prompt-len and --new-tokens must be >= 1");
   if (warmup < 0 || iters < 1 || gen_iters < 1) throw Error("bench model: --warmup must be >= 0, --iters and --gen-iters >= 1");
   if (lora_r < 1 || !(lora_alpha > 0)) throw Error("bench model: --lora-r must be >= 1 and --lora-alpha > 0");
+  if (checkpoint_layers < -1) throw Error("bench model: --checkpoint-layers must be -1 (all) or >= 0");
   if (!(top_ratio > 0 && top_ratio <= 1)) throw Error("bench model: --top-ratio must be in (0, 1]");
   if (workloads.empty()) throw Error("bench model: --workload names no workload");
   const auto& known = model_workload_names();
@@ -161,7 +162,8 @@ json ModelBenchOptions::to_json() const {
           {"batch", batch},                        {"seq", seq},               {"workloads", workloads},
           {"gen_batch", gen_batch},                {"prompt_len", prompt_len}, {"new_tokens", new_tokens},
           {"warmup", warmup},                      {"iters", iters},           {"gen_iters", gen_iters},
-          {"lora_r", lora_r},                      {"lora_alpha", lora_alpha}, {"top_ratio", top_ratio},
+          {"lora_r", lora_r},                      {"lora_alpha", lora_alpha}, {"checkpoint_layers", checkpoint_layers},
+          {"top_ratio", top_ratio},
           {"seed", seed}};
 }
 
@@ -236,6 +238,7 @@ WorkloadResult run_lora_step(model::Decoder& decoder, const ModelBenchOptions& o
   to.seed = o.seed;
   to.progress = false;
   to.activation_checkpointing = checkpointing;
+  to.checkpoint_layers = o.checkpoint_layers;
   train::RunInfo info;
   info.config = o.to_json();
   info.config_hash = "bench";
@@ -278,6 +281,7 @@ WorkloadResult run_lora_step(model::Decoder& decoder, const ModelBenchOptions& o
   r.details = {{"batch", o.batch},          {"seq", o.seq},          {"iters", o.iters},
                {"warmup", o.warmup},        {"lora_r", o.lora_r},    {"lora_alpha", o.lora_alpha},
                {"loss", tr.last_loss},      {"activation_checkpointing", checkpointing},
+               {"checkpoint_layers", checkpointing ? o.checkpoint_layers : 0},
                {"trainable_parameters", lora_parameters(c, o.lora_r)}};
   finish(r);
   return r;

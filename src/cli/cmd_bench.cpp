@@ -315,6 +315,9 @@ void add_bench(CLI::App& root) {
   model_cmd->add_option("--gen-iters", mo.gen_iters, "timed greedy_generate calls")->capture_default_str();
   model_cmd->add_option("--lora-r", mo.lora_r, "LoRA rank (all 7 projections)")->capture_default_str();
   model_cmd->add_option("--lora-alpha", mo.lora_alpha, "LoRA alpha")->capture_default_str();
+  model_cmd->add_option("--checkpoint-layers", mo.checkpoint_layers,
+                        "lora-step-ckpt: recompute only the first N decoder layers (-1: all)")
+      ->capture_default_str();
   model_cmd->add_option("--top-ratio", mo.top_ratio, "probe-forward: k = ratio * intermediate_size")->capture_default_str();
   model_cmd->add_option("--seed", mo.seed, "weights, token ids and adapter init")->capture_default_str();
   model_cmd->add_option("--json", m->json_out, "write the results (or the check) as JSON here");

@@ -94,6 +94,10 @@ Options build() {
   s("train.dtype", "float32", "dtype of the trained parameters and optimizer state (master copies)",
     one_of({"float32", "bfloat16"}));
   b("train.activation_checkpointing", false, "recompute decoder layers in backward (less memory, ~30% slower)");
+  i("train.checkpoint_layers", -1,
+    "with activation_checkpointing: recompute only the first N decoder layers (-1: all); each layer left out "
+    "keeps its activations (more memory) and saves its recomputation (faster)",
+    at_least(-1));
   i("train.checkpoint_every", 0, "save a resumable checkpoint every N steps; 0: only at the end of a stage", at_least(0));
   b("train.packing", false, "pack several records into each max_length sequence");
   i("train.seed", 0, "seed of one run (data order, init, dropout); `run` sets it from each of `seeds`", at_least(0));

@@ -700,7 +700,8 @@ ForwardOutput Decoder::forward(const ForwardInput& in, const ForwardOptions& opt
     const at::Device dev = layer_device(l);
     const LayerContext& layer_ctx = context_for(dev);
     x = x.to(dev);  // a no-op within a run of layers on one device
-    x = checkpoint ? checkpointed_layer_forward(l, x, layer_ctx) : layer_forward(l, x, layer_ctx);  // [B, T, H]
+    const bool recompute = checkpoint && (opt.checkpoint_layer_count < 0 || l < opt.checkpoint_layer_count);
+    x = recompute ? checkpointed_layer_forward(l, x, layer_ctx) : layer_forward(l, x, layer_ctx);  // [B, T, H]
     if (opt.hidden_states && l + 1 < c.num_hidden_layers) out.hidden_states.push_back(x);
   }
   if (opt.cache) opt.cache->length_ = S;

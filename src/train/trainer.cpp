@@ -146,6 +146,7 @@ TrainOptions TrainOptions::from_config(const config::Config& cfg, bool dense, in
   o.packing = cfg.get<bool>("train.packing");
   o.max_length = cfg.get<int64_t>("train.max_length");
   o.activation_checkpointing = cfg.get<bool>("train.activation_checkpointing");
+  o.checkpoint_layers = cfg.get<int64_t>("train.checkpoint_layers");
   o.bucket_bytes = cfg.get<int64_t>("train.bucket_mb") << 20;
   if (o.packing && epochs > 0) {  // train() counts the packed micro-batches of an epoch
     o.packed_epochs = epochs;
@@ -159,7 +160,8 @@ json TrainOptions::to_json() const {
           {"lr", lr},                 {"warmup_steps", warmup_steps}, {"weight_decay", weight_decay},
           {"betas", {beta1, beta2}},  {"eps", eps},               {"clip", clip},
           {"checkpoint_every", checkpoint_every}, {"log_every", log_every}, {"seed", seed},
-          {"packing", packing},       {"max_length", max_length}, {"activation_checkpointing", activation_checkpointing}};
+          {"packing", packing},       {"max_length", max_length}, {"activation_checkpointing", activation_checkpointing},
+          {"checkpoint_layers", checkpoint_layers}};
 }
 
 double heldout_loss(const model::Decoder& decoder, const std::vector<data::Example>& examples, int64_t batch_size,
@@ -454,7 +456,10 @@ TrainResult train(model::Decoder& decoder, Method& method, const std::vector<dat
             " examples, ", o.steps, " steps x ", o.grad_accum, world > 1 ? " x " + std::to_string(world) + " ranks" : "",
             " x ", o.batch_size,
             o.packing ? " packed rows of " + std::to_string(pack_length) + " tokens" : std::string(" sequences"),
-            ", lr ", o.lr, o.activation_checkpointing ? ", activation checkpointing" : "");
+            ", lr ", o.lr,
+            !o.activation_checkpointing   ? ""
+            : o.checkpoint_layers < 0     ? ", activation checkpointing"
+                                          : ", activation checkpointing of " + std::to_string(o.checkpoint_layers) + " layers");
   if (dist::is_main()) write_manifest(out, method, info, o, "running", nullptr);
 
   method.before_training(decoder);
@@ -517,6 +522,7 @@ TrainResult train(model::Decoder& decoder, Method& method, const std::vector<dat
         fo.training = true;
         fo.hook = hook;
         fo.checkpoint_layers = o.activation_checkpointing;
+        fo.checkpoint_layer_count = o.checkpoint_layers;
         fo.logits = false;  // the loss comes from last_hidden a chunk at a time, never the [B, T, V] logits
         auto fwd = decoder.forward(in, fo);                                   // last_hidden [B, T, H]
         if (batch.num_label_tokens > 0) {

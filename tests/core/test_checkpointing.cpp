@@ -87,13 +87,14 @@ struct Result {
 
 // One training forward + backward of the batch; `seed` seeds the dropout masks.
 Result step(model::Decoder& dec, const std::vector<std::pair<std::string, at::Tensor*>>& params, const data::Batch& b,
-            bool checkpoint, const model::ActivationHook* hook = nullptr) {
+            bool checkpoint, const model::ActivationHook* hook = nullptr, int64_t checkpoint_count = -1) {
   for (auto& [name, p] : params) p->mutable_grad() = at::Tensor();
   at::manual_seed(1234);
   const model::ForwardInput in = input_of(b);
   model::ForwardOptions fo;
   fo.training = true;
   fo.checkpoint_layers = checkpoint;
+  fo.checkpoint_layer_count = checkpoint_count;
   fo.hook = hook;
   at::Tensor loss = model::causal_lm_loss(dec.forward(in, fo).logits, b.labels);
   (void)at::rand({16});  // the generator moves on between forward and backward: the recomputation must not
@@ -160,6 +161,30 @@ TEST(Checkpointing, LoraWithDropoutMatchesWithoutCheckpointing) {
   const double other = model::causal_lm_loss(dec.forward(input_of(b), fo).logits, b.labels)
                            .item<double>();
   EXPECT_GT(std::abs(other - plain.loss), 1e-4);
+}
+
+// Checkpointing only the first N layers (train.checkpoint_layers): one Node per checkpointed layer, the
+// other layers' insides in the graph as usual, and the same gradients (dropout on).
+TEST(Checkpointing, FirstLayersOnlyMatchesWithoutCheckpointing) {
+  auto dec = model::Decoder::load(kModel, at::kFloat, at::kCPU);
+  const int64_t L = dec.config().num_hidden_layers;
+  ASSERT_GE(L, 2);
+  auto params = attach_trainable_lora(dec, 0.3);
+  const auto ex = examples(3, 1);
+  const data::Batch b = data::make_batch(ex, 0, ex.size(), 0);
+  const Result plain = step(dec, params, b, false);
+  for (int64_t n : {int64_t{0}, int64_t{1}, L - 1, L + 3}) {
+    SCOPED_TRACE("checkpoint_layer_count " + std::to_string(n));
+    expect_same(step(dec, params, b, true, nullptr, n), plain, params);
+    model::ForwardOptions fo;
+    fo.training = true;
+    fo.checkpoint_layers = true;
+    fo.checkpoint_layer_count = n;
+    const auto nodes = graph_nodes(dec.forward(input_of(b), fo).logits);
+    const auto it = nodes.find("sparsecl::LayerCheckpointBackward");
+    EXPECT_EQ(it == nodes.end() ? 0 : it->second, std::min(n, L));
+    EXPECT_EQ(nodes.count("TransposeBackward0") > 0, n < L);  // some layer's insides are in the graph
+  }
 }
 
 // Full fine-tuning: every base weight (embeddings included, so the layer inputs require grad) trains.

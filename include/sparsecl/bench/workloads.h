@@ -65,6 +65,7 @@ struct ModelBenchOptions {
   int64_t gen_iters = 1;               // timed greedy_generate calls (after one short warm-up call)
   int64_t lora_r = 16;
   double lora_alpha = 32.0;
+  int64_t checkpoint_layers = -1;      // lora-step-ckpt: recompute only the first N layers (-1: all)
   double top_ratio = 0.05;             // probe-forward: k = top_ratio * I per token (the probe's default)
   uint64_t seed = 0;                   // weights, token ids, adapter init
 

@@ -194,6 +194,9 @@ struct ForwardOptions {
   // Gradients reach every tensor of the layer that requires grad (the norms' and projections'
   // weights and biases, LoRA A / B, indexed deltas) through the autograd graph as usual.
   bool checkpoint_layers = false;
+  // With checkpoint_layers: only layers 0 .. checkpoint_layer_count - 1 are checkpointed (-1: all). The
+  // others keep their activations, which saves their recomputation for the memory they hold.
+  int64_t checkpoint_layer_count = -1;
 };
 
 // Devices under a pipeline placement: logits and last_hidden on the head device (output_device());

@@ -130,6 +130,10 @@ struct TrainOptions {
   // decoder layer in backward (model::ForwardOptions::checkpoint_layers): activation memory of one layer
   // instead of all, for one more forward of the layers (~+33% per step for full, ~+50% for LoRA).
   bool activation_checkpointing = false;
+  // With activation_checkpointing: only the first checkpoint_layers layers are recomputed (-1: all;
+  // train.checkpoint_layers), a memory / speed trade between the two ends
+  // (model::ForwardOptions::checkpoint_layer_count).
+  int64_t checkpoint_layers = -1;
   // Set by from_config for train.epochs with packing, where the steps of an epoch depend on how the
   // examples pack: train() then sets steps = ceil(epochs * packed micro-batches of epoch 0 / grad_accum)
   // and, when warmup_ratio > 0 (train.warmup_steps = 0), warmup_steps = ceil(warmup_ratio * steps).
