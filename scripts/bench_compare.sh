@@ -3,14 +3,17 @@
 #   0. (--build) build build-gpu/ with the carried packages (.device/build.sh), tests off
 #   1. the device-vs-CPU-reference check: sparsecl bench model --check on configs/models/tiny.json in
 #      bf16 on the device against float32 on the CPU (with --device cpu: bf16 on the CPU)
-#   2. sparsecl bench model    on --config (random weights), every workload
+#   2. sparsecl bench model    on --config (random weights), every workload; then lora-step-ckpt once more
+#      with --checkpoint-layers = 3/4 of the layers (--partial-ckpt N to choose; 0: skip), the memory /
+#      speed trade HF's all-or-nothing checkpointing lacks (its row has no HF counterpart)
 #   3. scripts/bench_hf.py      the same workloads through HF transformers + PEFT, same FLOP model
 #   4. sparsecl bench kernels  top-k / statistics / IoU kernels against torch::topk and plain tensor ops
 # then prints both side by side with the ratios and writes bench/YYYY-MM-DD-<gpu|cpu>.md, the three JSON
 # files beside it (-sparsecl.json, -hf.json, -check.json) and the kernels log (-kernels.txt).
 #
 #   usage: bash scripts/bench_compare.sh [--config configs/models/llama-3-8b.json] [--device cuda]
-#            [--build] [--build-dir DIR] [--python python3] [--out bench] [--tag NAME] [-- ARGS...]
+#            [--build] [--build-dir DIR] [--python python3] [--out bench] [--tag NAME] [--partial-ckpt N]
+#            [-- ARGS...]
 #   ARGS go to both model benchmarks (same flags): --batch, --seq, --workload, --gen-batch, --prompt-len,
 #   --new-tokens, --warmup, --iters, --gen-iters, --lora-r, --lora-alpha, --top-ratio, --dtype, --seed.
 #   The H200 run (about 6-8 minutes with --build; device time is scarce: one call, carrying .device/,
@@ -30,6 +33,7 @@ build_dir=
 python=${PYTHON:-python3}
 out_dir=bench
 tag=
+partial_ckpt=
 while [ $# -gt 0 ]; do
   case $1 in
     --config) config=$2; shift 2 ;;
@@ -40,12 +44,16 @@ while [ $# -gt 0 ]; do
     --out) out_dir=$2; shift 2 ;;
     --tag) tag=$2; shift 2 ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    --partial-ckpt) partial_ckpt=$2; shift 2 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "bench_compare.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
 extra=("$@")
 [ -f "$config" ] || { echo "bench_compare.sh: no config file '$config'" >&2; exit 2; }
+layers=$("$python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["num_hidden_layers"])' "$config") \
+  || { echo "bench_compare.sh: no num_hidden_layers in '$config'" >&2; exit 2; }
+partial_ckpt=${partial_ckpt:-$(( layers * 3 / 4 ))}
 
 # The GPU machine's carried packages (.device/build.sh unpacks them there).
 [ -d /tmp/deps/usr/lib/x86_64-linux-gnu ] && export LD_LIBRARY_PATH=/tmp/deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -87,6 +95,10 @@ step() {  # step NAME TIMEOUT CMD...: print the command, run it, keep its output
 step check 120 "$bin" bench model --check --model-config configs/models/tiny.json --device "$device" --dtype bfloat16 \
   --json "$stem-check.json"
 step sparsecl 300 "$bin" bench model --model-config "$config" --device "$device" --json "$stem-sparsecl.json" "${extra[@]}"
+if [ "$partial_ckpt" -gt 0 ] && [ "$partial_ckpt" -lt "$layers" ]; then
+  step sparsecl-ckpt-partial 120 "$bin" bench model --model-config "$config" --device "$device" \
+    --json "$stem-sparsecl-ckpt-partial.json" "${extra[@]}" --workload lora-step-ckpt --checkpoint-layers "$partial_ckpt"
+fi
 step hf 300 "$python" scripts/bench_hf.py --model-config "$config" --device "$device" --json "$stem-hf.json" "${extra[@]}"
 step kernels 120 "$bin" bench kernels --device "$device"
 mv "$stem-kernels.log" "$stem-kernels.txt" 2>/dev/null
@@ -108,6 +120,7 @@ def cmd(name):
     except OSError:
         return None
 sc, hf, check = load("sparsecl"), load("hf"), load("check")
+partial = load("sparsecl-ckpt-partial")
 gib = float(1 << 30)
 targets = {  # issue #7, one H200, bf16, Llama-3-8B shape, 4 x 2048 (generate: 64 x (256 + 256))
     "lora-step": ("10.8K tok/s, 82 GiB", ">= 16K tok/s, <= 60 GiB"),
@@ -139,6 +152,11 @@ for n in names:
         mem = f"{sm / hm:.2f}x" if sm and hm else ""
     anchor, target = targets.get(n, ("", ""))
     rows.append([n, rate(h), rate(s), ratio, tflops(h), tflops(s), peak(h), peak(s), mem, anchor, target])
+for w in (partial or {"workloads": []})["workloads"]:  # sparsecl only: HF checkpoints all layers or none
+    n_ckpt, n_layers = w.get("checkpoint_layers"), (partial.get("model") or {}).get("num_hidden_layers", "?")
+    anchor, target = targets.get(w["name"], ("", ""))
+    rows.append([f"{w['name']} (first {n_ckpt} of {n_layers} layers)", "-", rate(w), "-", "-", tflops(w), "-", peak(w), "",
+                 anchor, target])
 head = ["workload", "HF+PEFT tok/s", "sparsecl tok/s", "speed-up", "HF TFLOP/s", "sparsecl TFLOP/s",
         "HF peak GiB", "sparsecl peak GiB", "memory ratio", "H200 anchor (HF)", "target"]
 def table(head, rows):
@@ -182,7 +200,7 @@ if check:
                     [[c["name"], f"{c['max_abs_err']:.3e}", f"{c['max_abs_ref']:.3e}", f"{c['rel_err']:.3e}", f"{c['tolerance']:g}",
                       "ok" if c["passed"] else "FAIL"] for c in check["checks"]]), ""]
 lines += ["## Commands", ""]
-for name in ["check", "sparsecl", "hf", "kernels"]:
+for name in ["check", "sparsecl", "sparsecl-ckpt-partial", "hf", "kernels"]:
     c = cmd(name)
     if c:
         lines.append(f"- {name}: `{c}`")
@@ -200,5 +218,5 @@ if check:
 print(f"\nwrote {stem}.md")
 EOF
 rm -f "$stem"-*.cmd
-[ "$status" -eq 0 ] && rm -f "$stem-sparsecl.log" "$stem-hf.log" "$stem-check.log"
+[ "$status" -eq 0 ] && rm -f "$stem-sparsecl.log" "$stem-sparsecl-ckpt-partial.log" "$stem-hf.log" "$stem-check.log"
 exit $status
