@@ -280,7 +280,12 @@ at::Tensor Decoder::linear(const at::Tensor& x, const Linear& l, bool training) 
   for (const LoraDelta& d : l.lora) {
     at::Tensor xi = (training && d.dropout > 0) ? at::dropout(x, d.dropout, /*train=*/true) : x;
     // Trainable deltas are fp32 masters; compute in the activation dtype (a no-op cast in fp32).
-    y = y + at::linear(at::linear(xi, d.A.to(x.scalar_type())), d.B.to(x.scalar_type())) * d.scale;
+    const at::Tensor xa = at::linear(xi, d.A.to(x.scalar_type()));  // [..., r]
+    // y + scale * xa B^T as one GEMM whose epilogue adds y (PEFT's `y + B(A(x)) * scaling` is three
+    // passes over [..., out] forward and two backward); y is a fresh contiguous linear output.
+    const int64_t out = y.size(-1), r = xa.size(-1);
+    y = at::addmm(y.reshape({-1, out}), xa.reshape({-1, r}), d.B.to(x.scalar_type()).t(), /*beta=*/1, /*alpha=*/d.scale)
+            .view(y.sizes());
   }
   for (const IndexedDelta& d : l.indexed) {
     const at::Tensor delta = d.delta.to(x.scalar_type());  // fp32 master -> activation dtype (no-op in fp32)
