@@ -177,10 +177,20 @@ DomainStats collect_domain_stats(model::Decoder& decoder, const std::vector<data
       const at::Device ldev = live.device();                        // the layer's device
       const at::Tensor real_idx = real_idx_input.to(ldev), real_seq_idx = real_seq_idx_input.to(ldev);
       const at::Tensor flat = live.detach().reshape({B * T, I});  // [B*T, I]
-      const at::Tensor h = flat.index_select(0, real_idx);        // [N, I] real tokens only
+      const bool all_real = batch.num_tokens == B * T;            // no padding: no copy
+      const at::Tensor h = all_real ? flat : flat.index_select(0, real_idx);  // [N, I] real tokens only
       kernels::accumulate_neuron_stats(h, k, ls.sum_abs, ls.topk_count);
       if (settings.score == Score::MeanAbs) {
-        ls.seq_sum.index_add_(0, real_seq_idx, h.abs().to(at::kFloat));  // [n, I] += per-sequence |h|
+        // seq_sum[start + r] += sum over row r's real tokens of |h| (fp32), as reductions that never
+        // materialise |h|: one for the batch when no row is padded, else one per row.
+        const at::Tensor rows = live.detach().reshape({B, T, I});  // [B, T, I]
+        if (all_real) {
+          ls.seq_sum.narrow(0, start, B).add_(at::linalg_vector_norm(rows, 1, {1}, false, at::kFloat));  // [B, I]
+        } else {
+          for (int64_t r = 0; r < B; ++r)
+            ls.seq_sum[start + r].add_(
+                at::linalg_vector_norm(rows[r].narrow(0, 0, batch.lengths[r]), 1, {0}, false, at::kFloat));  // [I]
+        }
       } else {
         const at::Tensor idx = kernels::topk_abs_indices(h, k).to(at::kLong);  // [N, k]
         const at::Tensor flat_idx = (real_seq_idx.unsqueeze(1) * I + idx).reshape({-1});  // [N*k]
