@@ -17,14 +17,27 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// The plain formulas, which the functions' forward passes compute. Without a graph to build (no grad
+// mode, or no input requiring grad: inference, the probe, generation) they run directly, sparing the
+// custom function's per-call node.
+bool builds_graph(const at::Tensor& a, const at::Tensor& b) {
+  return at::GradMode::is_enabled() && (a.requires_grad() || b.requires_grad());
+}
+
+// x [..., H] -> (weight * normed, r [..., 1] fp32)
+std::pair<at::Tensor, at::Tensor> rms_norm_values(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const at::Tensor h = x.to(at::kFloat);                                        // [..., H]
+  const at::Tensor r = at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);  // [..., 1]
+  return {weight * (h * r).to(x.scalar_type()), r};
+}
+
 // Inputs x [..., H], weight [H]. Saved: x, weight, r = rsqrt(mean(x_f32^2) + eps) [..., 1] fp32.
 class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, double eps) {
-    const at::Tensor h = x.to(at::kFloat);                                        // [..., H]
-    const at::Tensor r = at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);  // [..., 1]
+    auto [y, r] = rms_norm_values(x, weight, eps);
     ctx->save_for_backward({x, weight, r});
-    return weight * (h * r).to(x.scalar_type());
+    return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -110,12 +123,13 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   if (weight.dim() != 1 || x.dim() == 0 || x.size(-1) != weight.size(0))
     throw Error("rms_norm: weight [H] must match x's last dim (weight " + std::to_string(weight.dim()) + "-D, H " +
                 std::to_string(weight.dim() == 1 ? weight.size(0) : -1) + ")");
-  return RmsNormFunction::apply(x, weight, eps);
+  return builds_graph(x, weight) ? RmsNormFunction::apply(x, weight, eps) : rms_norm_values(x, weight, eps).first;
 }
 
 at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, const std::string& act) {
   if (!gate.sizes().equals(up.sizes())) throw Error("gated_activation: gate and up must have the same shape");
-  return GatedActivationFunction::apply(gate, up, static_cast<int64_t>(parse_act(act)));
+  const Act a = parse_act(act);
+  return builds_graph(gate, up) ? GatedActivationFunction::apply(gate, up, static_cast<int64_t>(a)) : apply_act(gate, a) * up;
 }
 
 }  // namespace sparsecl::model

@@ -63,7 +63,8 @@ void expect_bitwise_equal(const Result& got, const Result& want, const std::stri
   }
 }
 
-const std::vector<std::vector<bool>> kGradCombos = {{true, true}, {true, false}, {false, true}};
+// {false, false}: no graph, the plain formulas run directly (inference)
+const std::vector<std::vector<bool>> kGradCombos = {{true, true}, {true, false}, {false, true}, {false, false}};
 
 TEST(FusedOps, RmsNormMatchesPlainOpsBitwise) {
   struct Shape {
