@@ -119,13 +119,18 @@ void run_bench_kernels(const BenchKernelsOptions& o) {
   double t_staged = 0.0;
   std::string staged_check;
 #ifdef SPARSECL_WITH_CUDA
+  // Times staged() (the staged top-k path, CUDA only) as an extra row of `rows`; returns its time and
+  // sets `check` to whether its output equals `want`, the default path's.
+  auto add_staged_row = [&](const std::function<torch::Tensor()>& staged, const torch::Tensor& want,
+                            std::vector<Row>& rows, std::string& check) {
+    torch::Tensor got;
+    const double t = time_ms([&] { got = staged(); }, o.iters, cuda);
+    rows.push_back({"sparsecl, staged path (candidate default)", t});
+    check = torch::equal(got, want) ? "staged path equals the default path" : "staged path MISMATCH";
+    return t;
+  };
   constexpr auto kStaged = kernels::detail::TopkPath::kStaged;
-  if (cuda) {
-    torch::Tensor idx_staged;
-    t_staged = time_ms([&] { idx_staged = topk_abs_indices_cuda(h, k, kStaged); }, o.iters, cuda);
-    idx_rows.push_back({"sparsecl, staged path (candidate default)", t_staged});
-    staged_check = torch::equal(idx_staged, idx) ? "staged path equals the default path" : "staged path MISMATCH";
-  }
+  if (cuda) t_staged = add_staged_row([&] { return topk_abs_indices_cuda(h, k, kStaged); }, idx, idx_rows, staged_check);
 #endif
   print_block("top-k of |h| -> int32 indices [N, k]", h_bytes + 4.0 * n * k, idx_rows,
               topk_ok ? "selected magnitudes equal torch::topk's" : "MISMATCH against torch::topk");
@@ -138,12 +143,7 @@ void run_bench_kernels(const BenchKernelsOptions& o) {
   std::vector<Row> bits_rows = {{"sparsecl topk_abs_bitset", t_bits}};
   staged_check.clear();
 #ifdef SPARSECL_WITH_CUDA
-  if (cuda) {
-    torch::Tensor bits_staged;
-    const double t = time_ms([&] { bits_staged = topk_abs_bitset_cuda(h, k, kStaged); }, o.iters, cuda);
-    bits_rows.push_back({"sparsecl, staged path (candidate default)", t});
-    staged_check = torch::equal(bits_staged, bits) ? "staged path equals the default path" : "staged path MISMATCH";
-  }
+  if (cuda) add_staged_row([&] { return topk_abs_bitset_cuda(h, k, kStaged); }, bits, bits_rows, staged_check);
 #endif
   print_block("top-k of |h| -> int64 bitset [N, ceil(I/64)]", h_bytes + 8.0 * n * words, bits_rows,
               bits_ok ? "bitset equals the index lists" : "MISMATCH");
