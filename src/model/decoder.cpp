@@ -658,11 +658,11 @@ ForwardOutput Decoder::forward(const ForwardInput& in, const ForwardOptions& opt
   ctx.cache = opt.cache;
   ctx.hook = opt.hook;
 
-  // Attention mask: plain causal when nothing is padded or packed and there is no cache (SDPA's fast
-  // path); otherwise an explicit boolean [B, 1, T, S] mask = causal AND key is a real token AND (packed)
-  // key is in the query's segment.
-  if (!in.attention_mask.defined() && !segments.defined() && past == 0) {
-    ctx.is_causal = T > 1;
+  // Attention mask: none when nothing is padded or packed and either there is no cache (plain causal)
+  // or one new token sees every cached key (a decoding step): SDPA's fast kernels. Otherwise an explicit
+  // boolean [B, 1, T, S] mask = causal AND key is a real token AND (packed) key is in the query's segment.
+  if (!in.attention_mask.defined() && !segments.defined() && (past == 0 || T == 1)) {
+    ctx.is_causal = past == 0 && T > 1;
   } else {
     auto lopts = at::TensorOptions().dtype(at::kLong).device(input_device);
     at::Tensor q_pos = at::arange(past, S, lopts).view({T, 1});
