@@ -97,6 +97,7 @@ Launch Launch::from_environment() {
     l.rank = env_int("RANK", -1, 0, l.world_size - 1);
     if (l.rank < 0) throw Error("environment variable WORLD_SIZE is set but RANK is not");
     l.local_rank = env_int("LOCAL_RANK", 0, 0, 1 << 16);
+    l.local_world_size = env_int("LOCAL_WORLD_SIZE", 1, 1, 1 << 16);
     l.agent_store = env_str("TORCHELASTIC_USE_AGENT_STORE") == "True";
     l.restart_count = env_int("TORCHELASTIC_RESTART_COUNT", 0, 0, 1 << 20);
   } else if (!env_str("SLURM_NTASKS").empty() && !env_str("SLURM_PROCID").empty()) {
@@ -104,6 +105,7 @@ Launch Launch::from_environment() {
     l.world_size = env_int("SLURM_NTASKS", 1, 1, 1 << 20);
     l.rank = env_int("SLURM_PROCID", 0, 0, l.world_size - 1);
     l.local_rank = env_int("SLURM_LOCALID", 0, 0, 1 << 16);
+    l.local_world_size = env_int("SLURM_NTASKS_PER_NODE", 1, 1, 1 << 16);
   }
   if (l.world_size > 1) {
     l.master_addr = env_str("MASTER_ADDR");
@@ -167,6 +169,7 @@ bool active() { return static_cast<bool>(world().backend); }
 int rank() { return world().launch.rank; }
 int world_size() { return world().backend ? world().launch.world_size : 1; }
 int local_rank() { return world().launch.local_rank; }
+int local_world_size() { return world().launch.local_world_size; }
 bool is_main() { return rank() == 0; }
 
 at::Device local_device(at::Device requested) {

@@ -10,6 +10,7 @@
 
 #include "sparsecl/common/error.h"
 #include "sparsecl/common/log.h"
+#include "sparsecl/dist/dist.h"
 #include "sparsecl/model/decoder.h"
 
 namespace sparsecl::model {
@@ -200,6 +201,12 @@ Decoder load_decoder(const std::filesystem::path& dir, at::ScalarType dtype, con
                      const std::string& device_map) {
   const at::Device dev = parse_device(device);
   if (parse_device_map(device_map).empty()) return Decoder::load(dir, dtype, dev);
+  // Data parallel with a map is one process per node (docs/distributed.md): more would each place a
+  // replica over the same devices.
+  if (dist::local_world_size() > 1 || dist::local_rank() > 0)
+    throw Error("device_map '" + device_map + "' with " + std::to_string(std::max(dist::local_world_size(), dist::local_rank() + 1)) +
+                " processes on this node: each would place its model replica over the same devices; launch one "
+                "process per node (torchrun --nproc-per-node 1, srun --ntasks-per-node 1) or drop device_map");
   const Placement placement = resolve_placement(ModelConfig::load(dir), device_map, dev, dtype);
   log::info("placement of ", dir.string(), ": ", placement.describe());
   return Decoder::load(dir, dtype, placement);

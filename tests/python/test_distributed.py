@@ -16,7 +16,8 @@ torchrun (`python -m torch.distributed.run --no-python`) and, for the probe, Slu
    permutation nulls equal the one-process ones exactly; the fp64 sums of |h| to 1e-12.
 4. eval: held-out losses (1e-12), multiple-choice and generation scores and the generated texts equal.
 5. run (the sequential driver, one lora stage): the same R matrix, held-out losses and probe.
-6. A subcommand that does not run data-parallel (generate) refuses a torchrun environment.
+6. A subcommand that does not run data-parallel (generate) refuses a torchrun environment, and a
+   device_map with two processes on one node is refused.
 
 Args: --binary, --shared (unused), --repo. Exit 77 (ctest skip) when numpy / safetensors / torch are
 missing or the default model's tokenizer is absent (run scripts/setup.sh first).
@@ -354,7 +355,7 @@ def check_run(r, tmp, model, failures):
         failures.append("run: base probe top sets differ")
 
 
-def check_refusal(r, model, failures):
+def check_refusal(r, tmp, model, failures):
     """Case 6: a subcommand that is not data-parallel refuses a launcher's environment."""
     env = clean_env()
     env.update({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
@@ -362,6 +363,13 @@ def check_refusal(r, model, failures):
                        capture_output=True, text=True, timeout=120)
     if p.returncode == 0 or "does not run data-parallel" not in p.stdout + p.stderr:
         failures.append(f"generate under WORLD_SIZE=2 was not refused:\n{p.stderr[-1000:]}")
+    # a pipeline placement (device_map) with two processes on one node: both would use the same devices
+    p = subprocess.run(r.torchrun_cmd("finetune-lora", "--model", model, "--data", "data/math/train.jsonl",
+                                      "--steps", "1", "--output", os.path.join(tmp, "map"),
+                                      "--no-progress", "device_map=cpu,cpu"),
+                       cwd=r.repo, env=clean_env(), capture_output=True, text=True, timeout=300)
+    if p.returncode == 0 or "processes on this node" not in p.stdout + p.stderr:
+        failures.append(f"device_map with 2 processes on one node was not refused:\n{p.stderr[-1500:]}")
 
 
 def main():
@@ -377,7 +385,7 @@ def main():
             t0 = time.time()
             case(r, tmp, model, failures)
             print(f"{case.__name__}: {time.time() - t0:.1f} s")
-        check_refusal(r, model, failures)
+        check_refusal(r, tmp, model, failures)
     return report(failures)
 
 

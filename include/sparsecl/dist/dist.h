@@ -33,6 +33,8 @@ struct Launch {
   int rank = 0;
   int world_size = 1;
   int local_rank = 0;            // index among this node's processes: the GPU it drives
+  int local_world_size = 1;      // processes on this node (torchrun LOCAL_WORLD_SIZE, Slurm
+                                 // SLURM_NTASKS_PER_NODE); 1 when the launcher does not say
   std::string master_addr;       // rendezvous host (the TCPStore server)
   int master_port = 29500;
   bool agent_store = false;      // torchrun's agent already serves the store: every rank is a client
@@ -52,6 +54,7 @@ bool active();         // a process group of world > 1 exists
 int rank();            // 0 without a group
 int world_size();      // 1 without a group
 int local_rank();
+int local_world_size();
 bool is_main();        // rank 0: the one that writes files and logs progress
 // The device this rank computes on: `requested` unchanged, except a bare "cuda" becomes
 // cuda:<local_rank> in a multi-process job (one process per GPU).
