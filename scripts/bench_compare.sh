@@ -5,7 +5,9 @@
 #      bf16 on the device against float32 on the CPU (with --device cpu: bf16 on the CPU)
 #   2. sparsecl bench model    on --config (random weights), every workload; then lora-step-ckpt once more
 #      with --checkpoint-layers = 3/4 of the layers (--partial-ckpt N to choose; 0: skip), the memory /
-#      speed trade HF's all-or-nothing checkpointing lacks (its row has no HF counterpart)
+#      speed trade HF's all-or-nothing checkpointing lacks (its row has no HF counterpart); and generate
+#      once more with SPARSECL_DECODE=graph (one decoding step captured as a CUDA graph and replayed; on
+#      the CPU the same fixed-shape steps without a graph), also a sparsecl-only row
 #   3. scripts/bench_hf.py      the same workloads through HF transformers + PEFT, same FLOP model
 #   4. sparsecl bench kernels  top-k / statistics / IoU kernels against torch::topk and plain tensor ops
 # then prints both side by side with the ratios and writes bench/YYYY-MM-DD-<gpu|cpu>.md, the three JSON
@@ -99,6 +101,8 @@ if [ "$partial_ckpt" -gt 0 ] && [ "$partial_ckpt" -lt "$layers" ]; then
   step sparsecl-ckpt-partial 120 "$bin" bench model --model-config "$config" --device "$device" \
     --json "$stem-sparsecl-ckpt-partial.json" "${extra[@]}" --workload lora-step-ckpt --checkpoint-layers "$partial_ckpt"
 fi
+step sparsecl-graph 180 env SPARSECL_DECODE=graph "$bin" bench model --model-config "$config" --device "$device" \
+  --json "$stem-sparsecl-graph.json" "${extra[@]}" --workload generate
 step hf 300 "$python" scripts/bench_hf.py --model-config "$config" --device "$device" --json "$stem-hf.json" "${extra[@]}"
 step kernels 120 "$bin" bench kernels --device "$device"
 mv "$stem-kernels.log" "$stem-kernels.txt" 2>/dev/null
@@ -120,7 +124,7 @@ def cmd(name):
     except OSError:
         return None
 sc, hf, check = load("sparsecl"), load("hf"), load("check")
-partial = load("sparsecl-ckpt-partial")
+extra_docs = [d for d in (load("sparsecl-ckpt-partial"), load("sparsecl-graph")) if d]
 gib = float(1 << 30)
 targets = {  # issue #7, one H200, bf16, Llama-3-8B shape, 4 x 2048 (generate: 64 x (256 + 256))
     "lora-step": ("10.8K tok/s, 82 GiB", ">= 16K tok/s, <= 60 GiB"),
@@ -152,11 +156,14 @@ for n in names:
         mem = f"{sm / hm:.2f}x" if sm and hm else ""
     anchor, target = targets.get(n, ("", ""))
     rows.append([n, rate(h), rate(s), ratio, tflops(h), tflops(s), peak(h), peak(s), mem, anchor, target])
-for w in (partial or {"workloads": []})["workloads"]:  # sparsecl only: HF checkpoints all layers or none
-    n_ckpt, n_layers = w.get("checkpoint_layers"), (partial.get("model") or {}).get("num_hidden_layers", "?")
-    anchor, target = targets.get(w["name"], ("", ""))
-    rows.append([f"{w['name']} (first {n_ckpt} of {n_layers} layers)", "-", rate(w), "-", "-", tflops(w), "-", peak(w), "",
-                 anchor, target])
+for doc in extra_docs:  # sparsecl only: HF checkpoints all layers or none, and has no graph decoding here
+    for w in doc["workloads"]:
+        if "decode_mode" in w:
+            label = f"{w['name']} ({w['decode_mode']} decoding)"
+        else:
+            label = f"{w['name']} (first {w.get('checkpoint_layers')} of {doc['model'].get('num_hidden_layers', '?')} layers)"
+        anchor, target = targets.get(w["name"], ("", ""))
+        rows.append([label, "-", rate(w), "-", "-", tflops(w), "-", peak(w), "", anchor, target])
 head = ["workload", "HF+PEFT tok/s", "sparsecl tok/s", "speed-up", "HF TFLOP/s", "sparsecl TFLOP/s",
         "HF peak GiB", "sparsecl peak GiB", "memory ratio", "H200 anchor (HF)", "target"]
 def table(head, rows):
@@ -200,7 +207,7 @@ if check:
                     [[c["name"], f"{c['max_abs_err']:.3e}", f"{c['max_abs_ref']:.3e}", f"{c['rel_err']:.3e}", f"{c['tolerance']:g}",
                       "ok" if c["passed"] else "FAIL"] for c in check["checks"]]), ""]
 lines += ["## Commands", ""]
-for name in ["check", "sparsecl", "sparsecl-ckpt-partial", "hf", "kernels"]:
+for name in ["check", "sparsecl", "sparsecl-ckpt-partial", "sparsecl-graph", "hf", "kernels"]:
     c = cmd(name)
     if c:
         lines.append(f"- {name}: `{c}`")
@@ -218,5 +225,5 @@ if check:
 print(f"\nwrote {stem}.md")
 EOF
 rm -f "$stem"-*.cmd
-[ "$status" -eq 0 ] && rm -f "$stem-sparsecl.log" "$stem-sparsecl-ckpt-partial.log" "$stem-hf.log" "$stem-check.log"
+[ "$status" -eq 0 ] && rm -f "$stem-sparsecl.log" "$stem-sparsecl-ckpt-partial.log" "$stem-sparsecl-graph.log" "$stem-hf.log" "$stem-check.log"
 exit $status

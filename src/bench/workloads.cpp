@@ -340,7 +340,11 @@ WorkloadResult run_generate(const model::Decoder& decoder, const ModelBenchOptio
     throw Error("bench model: generate produced " + std::to_string(r.tokens) + " tokens, expected " +
                 std::to_string(o.gen_iters * o.gen_batch * o.new_tokens));
   r.flops = static_cast<double>(o.gen_iters) * generate_flops(c, o.gen_batch, o.prompt_len, o.new_tokens);
-  r.details = {{"batch", o.gen_batch}, {"prompt_len", o.prompt_len}, {"new_tokens", o.new_tokens}, {"iters", o.gen_iters}};
+  r.details = {{"batch", o.gen_batch},
+               {"prompt_len", o.prompt_len},
+               {"new_tokens", o.new_tokens},
+               {"iters", o.gen_iters},
+               {"decode_mode", model::decode_mode_name(model::resolve_decode_mode(decoder, go.mode))}};
   finish(r);
   return r;
 }
@@ -485,6 +489,22 @@ json check_against_cpu(const model::ModelConfig& config, at::Device device, at::
     step.input_ids = ids.narrow(1, T - 1, 1).to(device);
     dev.forward(prefill, fo);
     checks.push_back(compare("decode step (KV cache)", dev.forward(step, fo).logits, want.narrow(1, T - 1, 1), value_tol));
+
+    // the same step as a static decoding step (what a CUDA graph replays): written at a device index,
+    // attending over the whole capacity under a mask
+    model::KVCache fixed_cache(config, B, T + 5, dtype, device);
+    model::ForwardOptions fixed;
+    fixed.cache = &fixed_cache;
+    dev.forward(prefill, fixed);
+    model::StaticDecodeStep state;
+    const auto long_opts = at::TensorOptions().dtype(at::kLong).device(device);
+    state.write_index = at::full({1}, T - 1, long_opts);
+    state.attend = at::zeros({B, T + 5}, long_opts.dtype(at::kBool));
+    state.attend.narrow(1, 0, T).fill_(true);
+    fixed.static_step = &state;
+    step.position_ids = at::full({B, 1}, T - 1, long_opts);
+    checks.push_back(
+        compare("decode step (static, for CUDA graphs)", dev.forward(step, fixed).logits, want.narrow(1, T - 1, 1), value_tol));
   }
   {
     probe::Settings s;

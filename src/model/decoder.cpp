@@ -582,7 +582,12 @@ at::Tensor Decoder::layer_forward(int64_t l, const at::Tensor& x_in, const Layer
   k = k.transpose(1, 2);  // [B, nkv, T, D]
   q = q * ctx.cos + rotate_half(q) * ctx.sin;
   k = k * ctx.cos + rotate_half(k) * ctx.sin;
-  if (ctx.cache) {
+  if (ctx.cache && ctx.write_index.defined()) {  // static decoding step: write at a device index, read all
+    ctx.cache->k_[l].index_copy_(2, ctx.write_index, k);
+    ctx.cache->v_[l].index_copy_(2, ctx.write_index, v);
+    k = ctx.cache->k_[l];  // [B, nkv, capacity, D]
+    v = ctx.cache->v_[l];
+  } else if (ctx.cache) {
     ctx.cache->k_[l].narrow(2, past, T).copy_(k);
     ctx.cache->v_[l].narrow(2, past, T).copy_(v);
     k = ctx.cache->k_[l].narrow(2, 0, S);
@@ -612,8 +617,18 @@ ForwardOutput Decoder::forward(const ForwardInput& in, const ForwardOptions& opt
   const at::Device input_device = device();
   const at::Tensor ids = in.input_ids.to(input_device, at::kLong);
   const int64_t B = ids.size(0), T = ids.size(1);
-  const int64_t past = opt.cache ? opt.cache->length_ : 0;
-  const int64_t S = past + T;  // keys visible to this call
+  const StaticDecodeStep* static_step = opt.static_step;
+  if (static_step) {
+    if (!opt.cache || T != 1 || !in.position_ids.defined() || in.attention_mask.defined() || in.segment_ids.defined())
+      throw Error("a static decoding step needs a KV cache, one token per row, position_ids, and no attention_mask "
+                  "or segment_ids");
+    if (!static_step->write_index.defined() || static_step->write_index.numel() != 1 || !static_step->attend.defined() ||
+        static_step->attend.dim() != 2 || static_step->attend.size(0) != B ||
+        static_step->attend.size(1) != opt.cache->capacity_)
+      throw Error("a static decoding step needs write_index [1] and attend [B, cache capacity]");
+  }
+  const int64_t past = opt.cache && !static_step ? opt.cache->length_ : 0;
+  const int64_t S = static_step ? opt.cache->capacity_ : past + T;  // keys visible to this call
   if (opt.cache && S > opt.cache->capacity_)
     throw Error("KV cache capacity " + std::to_string(opt.cache->capacity_) + " exceeded (" + std::to_string(S) + ")");
   if (c.sliding_window && S > *c.sliding_window)
@@ -657,11 +672,14 @@ ForwardOutput Decoder::forward(const ForwardInput& in, const ForwardOptions& opt
   ctx.training = opt.training;
   ctx.cache = opt.cache;
   ctx.hook = opt.hook;
+  if (static_step) ctx.write_index = static_step->write_index;
 
   // Attention mask: none when nothing is padded or packed and either there is no cache (plain causal)
   // or one new token sees every cached key (a decoding step): SDPA's fast kernels. Otherwise an explicit
   // boolean [B, 1, T, S] mask = causal AND key is a real token AND (packed) key is in the query's segment.
-  if (!in.attention_mask.defined() && !segments.defined() && (past == 0 || T == 1)) {
+  if (static_step) {
+    ctx.mask = static_step->attend.view({B, 1, 1, S});  // every written key of the row, padding excluded
+  } else if (!in.attention_mask.defined() && !segments.defined() && (past == 0 || T == 1)) {
     ctx.is_causal = past == 0 && T > 1;
   } else {
     auto lopts = at::TensorOptions().dtype(at::kLong).device(input_device);
@@ -709,7 +727,7 @@ ForwardOutput Decoder::forward(const ForwardInput& in, const ForwardOptions& opt
     x = recompute ? checkpointed_layer_forward(l, x, layer_ctx) : layer_forward(l, x, layer_ctx);  // [B, T, H]
     if (opt.hidden_states && l + 1 < c.num_hidden_layers) out.hidden_states.push_back(x);
   }
-  if (opt.cache) opt.cache->length_ = S;
+  if (opt.cache && !static_step) opt.cache->length_ = S;
   x = rms_norm(x.to(output_device()), norm_.weight, c.rms_norm_eps);  // [B, T, H] on the head device
   out.last_hidden = x;
   if (opt.hidden_states) out.hidden_states.push_back(x);
@@ -725,6 +743,7 @@ Decoder::LayerContext Decoder::context_on(const LayerContext& ctx, at::Device de
   moved.cos = ctx.cos.to(device);  // [B, 1, T, D]
   moved.sin = ctx.sin.to(device);
   if (ctx.mask) moved.mask = ctx.mask->to(device);  // [B or 1, 1, T, S]
+  if (ctx.write_index.defined()) moved.write_index = ctx.write_index.to(device);  // [1]
   return moved;
 }
 

@@ -108,11 +108,14 @@ TEST_P(ModelParity, GreedyGenerationIdentical) {
   const at::Tensor prompt = ref.at("generate_prompt");  // [1, 10]
   const at::Tensor expected = ref.at("generate_out");   // [1, 22] prompt + 12 new tokens
   std::vector<int64_t> p(prompt.data_ptr<int64_t>(), prompt.data_ptr<int64_t>() + prompt.numel());
-  model::GenerateOptions opt;
-  opt.max_new_tokens = expected.size(1) - prompt.size(1);
-  auto out = model::greedy_generate(decoder, {p}, opt);
   std::vector<int64_t> want(expected.data_ptr<int64_t>() + prompt.size(1), expected.data_ptr<int64_t>() + expected.numel());
-  EXPECT_EQ(out[0], want);
+  // Both ways of running the steps on the CPU: growing attention, and the fixed steps a CUDA graph replays.
+  for (auto mode : {model::DecodeMode::dynamic, model::DecodeMode::fixed}) {
+    model::GenerateOptions opt;
+    opt.max_new_tokens = expected.size(1) - prompt.size(1);
+    opt.mode = mode;
+    EXPECT_EQ(model::greedy_generate(decoder, {p}, opt)[0], want) << "mode " << static_cast<int>(mode);
+  }
 }
 
 TEST_P(ModelParity, BatchedGenerationMatchesSingle) {
@@ -121,11 +124,14 @@ TEST_P(ModelParity, BatchedGenerationMatchesSingle) {
   const at::Tensor prompt = ref.at("generate_prompt");
   std::vector<int64_t> p(prompt.data_ptr<int64_t>(), prompt.data_ptr<int64_t>() + prompt.numel());
   std::vector<int64_t> shorter(p.begin() + 3, p.end());
-  model::GenerateOptions opt;
-  opt.max_new_tokens = 8;
-  auto batch = model::greedy_generate(decoder, {p, shorter}, opt);
-  EXPECT_EQ(batch[0], model::greedy_generate(decoder, {p}, opt)[0]);
-  EXPECT_EQ(batch[1], model::greedy_generate(decoder, {shorter}, opt)[0]);
+  for (auto mode : {model::DecodeMode::dynamic, model::DecodeMode::fixed}) {
+    model::GenerateOptions opt;
+    opt.max_new_tokens = 8;
+    opt.mode = mode;
+    auto batch = model::greedy_generate(decoder, {p, shorter}, opt);
+    EXPECT_EQ(batch[0], model::greedy_generate(decoder, {p}, opt)[0]) << "mode " << static_cast<int>(mode);
+    EXPECT_EQ(batch[1], model::greedy_generate(decoder, {shorter}, opt)[0]) << "mode " << static_cast<int>(mode);
+  }
 }
 
 TEST_P(ModelParity, FullModelGradients) {

@@ -174,6 +174,16 @@ struct ForwardInput {
   at::Tensor segment_ids;
 };
 
+// A decoding step whose shapes and buffers are the same at every step, so that a CUDA graph can capture
+// it once and replay it (greedy_generate): the new token's keys / values go to cache position
+// write_index (a device tensor, not a host integer) and the query attends over the whole cache capacity
+// under `attend`. The caller marks the new position in `attend` and advances write_index and the
+// position ids between steps; the cache's host-side length is neither read nor changed.
+struct StaticDecodeStep {
+  at::Tensor write_index;  // [1] int64 on the input device: the cache position of this step's token
+  at::Tensor attend;       // [B, capacity] bool on the input device: true = a key the query may see
+};
+
 struct ForwardOptions {
   bool logits = true;          // the LM head (skip it when only activations are wanted)
   // When > 0, logits only for the last logits_to_keep positions ([B, keep, V], as HF's logits_to_keep):
@@ -184,6 +194,8 @@ struct ForwardOptions {
   bool mlp_act = false;        // every layer's down_proj input
   bool training = false;       // enables LoRA dropout
   KVCache* cache = nullptr;    // read and extended when given
+  // With a cache, one new token per row (T = 1) and position_ids given: a static decoding step (above).
+  const StaticDecodeStep* static_step = nullptr;
   const ActivationHook* hook = nullptr;
   // Activation checkpointing (training, grad mode on): each decoder layer runs without autograd and
   // keeps only its input; the backward pass recomputes it (same dropout masks: the CPU/CUDA generator
@@ -274,6 +286,7 @@ class Decoder {
     bool is_causal = false;                  // plain causal attention (no mask)
     bool training = false;                   // LoRA dropout on
     KVCache* cache = nullptr;
+    at::Tensor write_index;                  // [1] int64: a static decoding step's cache position
     const ActivationHook* hook = nullptr;    // null during a checkpoint recomputation
     std::vector<at::Tensor>* mlp_act = nullptr;  // receives the MLP intermediate [B, T, I], or null
   };
