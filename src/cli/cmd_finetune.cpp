@@ -127,7 +127,9 @@ void run_finetune(const FinetuneArgs& a) {
     ho.shuffle = false;
     ho.max_samples = a.heldout_samples;
     heldout = data::load_jsonl(a.heldout, tokenizer.get(), ho);
-    const double before = train::heldout_loss(decoder, heldout, cfg.get<int64_t>("train.batch_size"), pad_id);
+    const auto held = train::heldout_loss(decoder, heldout, cfg.get<int64_t>("train.batch_size"), pad_id);
+    if (held.label_tokens == 0) throw Error("--heldout " + a.heldout + ": the records have no loss tokens");
+    const double before = held.loss;
     heldout_json = {{"file", a.heldout}, {"examples", heldout.size()}, {"before", before}};
     log::info(cmd_name, ": held-out loss before ", before);
   }
@@ -149,7 +151,7 @@ void run_finetune(const FinetuneArgs& a) {
             " tokens/s");
 
   if (!heldout.empty()) {
-    const double after = train::heldout_loss(decoder, heldout, cfg.get<int64_t>("train.batch_size"), pad_id);
+    const double after = train::heldout_loss(decoder, heldout, cfg.get<int64_t>("train.batch_size"), pad_id).loss;
     heldout_json["after"] = after;
     heldout_json["config_hash"] = info.config_hash;
     heldout_json["tokens_per_s"] = result.tokens_per_s;

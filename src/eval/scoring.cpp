@@ -18,6 +18,7 @@
 #include "sparsecl/model/decoder.h"
 #include "sparsecl/model/generate.h"
 #include "sparsecl/text/tokenizer.h"
+#include "sparsecl/train/trainer.h"
 
 namespace sparsecl::eval {
 namespace {
@@ -67,37 +68,14 @@ LossResult heldout_loss(const model::Decoder& decoder, const text::Tokenizer* to
   load.shuffle = false;
   load.plain_chat_fallback = true;
   const auto examples = data::load_jsonl(file, tokenizer, load);
-  at::NoGradGuard no_grad;
-  const int64_t pad = data::pad_id_for(tokenizer);
-  double nll = 0;
-  int64_t count = 0;
-  const size_t bs = static_cast<size_t>(std::max<int64_t>(options.batch_size, 1));
   Progress bar("loss " + file.filename().string(), static_cast<int64_t>(examples.size()), options.progress && dist::is_main());
-  for (size_t b = 0; b < examples.size(); b += bs) {
-    const size_t e = std::min(examples.size(), b + bs);
-    if (!dist::owns(static_cast<int64_t>(b / bs))) continue;  // data parallel: batches round-robin
-    const auto batch = data::make_batch(examples, b, e, pad);
-    model::ForwardInput in;
-    in.input_ids = batch.input_ids.to(decoder.device());  // [B, T] right-padded: causal attention alone suffices
-    const auto logits = decoder.forward(in).logits;                 // [B, T, V]
-    const int64_t T = logits.size(1);
-    if (T < 2) continue;
-    const auto labels = batch.labels.to(logits.device()).slice(1, 1, T);  // [B, T-1] targets of positions 0..T-2
-    const auto mask = labels.ne(-100);                                     // [B, T-1]
-    const auto sel_logits = logits.slice(1, 0, T - 1).index({mask});      // [N, V]
-    const auto sel_targets = labels.index({mask});                         // [N]
-    if (sel_targets.numel() == 0) continue;
-    nll -= target_logprobs(sel_logits, sel_targets).to(at::kDouble).sum().item<double>();
-    count += sel_targets.numel();
-    bar.update(static_cast<int64_t>(e - b), batch.num_tokens);
-  }
+  const train::HeldoutLoss held =
+      train::heldout_loss(decoder, examples, std::max<int64_t>(options.batch_size, 1), data::pad_id_for(tokenizer), &bar);
   bar.finish();
-  nll = dist::sum(nll);
-  count = dist::sum(count);
   LossResult r;
   r.examples = static_cast<int64_t>(examples.size());
-  r.loss_tokens = count;
-  r.loss = count > 0 ? nll / static_cast<double>(count) : std::nan("");
+  r.loss_tokens = held.label_tokens;
+  r.loss = held.loss;
   r.perplexity = std::exp(r.loss);
   return r;
 }

@@ -69,12 +69,15 @@ at::Tensor chunked_causal_lm_loss(const at::Tensor& hidden, const at::Tensor& he
     throw Error("chunked_causal_lm_loss: head must be [V, H] with H = hidden's last size");
   if (chunk_tokens < 1) throw Error("chunked_causal_lm_loss: chunk_tokens must be >= 1");
   const int64_t T = hidden.size(1), H = hidden.size(2);
-  // hidden[:, t] predicts labels[:, t + 1]; only positions with a label take part.
-  const at::Tensor shifted = labels.to(hidden.device()).narrow(1, 1, T - 1).reshape({-1});  // [B*(T-1)]
-  const at::Tensor rows = shifted.ne(-100).nonzero().squeeze(1);                          // [N]
+  // hidden[:, t] predicts labels[:, t + 1]; only positions with a label take part. They are found where
+  // the labels are (the host, in training: no wait for the device's forward pass to finish).
+  const at::Tensor shifted = labels.narrow(1, 1, T - 1).reshape({-1});  // [B*(T-1)]
+  const at::Tensor rows = shifted.ne(-100).nonzero().squeeze(1);      // [N]
   if (rows.numel() == 0) throw Error("chunked_causal_lm_loss: no label token (every label is -100)");
-  const at::Tensor h = hidden.narrow(1, 0, T - 1).reshape({-1, H}).index_select(0, rows);  // [N, H]
-  const at::Tensor targets = shifted.index_select(0, rows);                                // [N]
+  const at::Tensor targets = shifted.index_select(0, rows).to(hidden.device());  // [N]
+  at::Tensor h = hidden.narrow(1, 0, T - 1).reshape({-1, H}).index_select(0, rows.to(hidden.device()));  // [N, H]
+  // Without grad mode nothing will call backward: compute the loss alone (no dL/dh, dL/dW).
+  if (!at::GradMode::is_enabled()) return ChunkedCrossEntropy::apply(h.detach(), head.detach(), targets, chunk_tokens);
   return ChunkedCrossEntropy::apply(h, head, targets, chunk_tokens);
 }
 

@@ -20,6 +20,7 @@
 #include "sparsecl/kernels/neuron_stats.h"
 #include "sparsecl/kernels/topk.h"
 #include "sparsecl/model/decoder.h"
+#include "sparsecl/model/loss.h"
 #include "sparsecl/probe/probe.h"
 
 namespace sparsecl::probe {
@@ -212,14 +213,14 @@ DomainStats collect_domain_stats(model::Decoder& decoder, const std::vector<data
       opt.logits = false;
       decoder.forward(in, opt);
     } else {
-      opt.logits = true;
+      opt.logits = false;  // the loss comes from the last hidden states a chunk at a time
       model::ForwardOutput out = decoder.forward(in, opt);
       if (batch.num_label_tokens > 0) {
         // Sum (not mean) over this batch's loss tokens; divided by all loss tokens at the end, so the
         // accumulated gradient is that of the mean loss over the whole domain.
-        at::Tensor loss = model::causal_lm_loss(out.logits, batch.labels.to(dev)) *
+        at::Tensor loss = model::chunked_causal_lm_loss(out.last_hidden, decoder.head_weight(), batch.labels) *
                           static_cast<double>(batch.num_label_tokens);
-        out = {};  // the logits are saved by the graph; drop our reference
+        out = {};
         loss.backward();
         loss_sum += loss.detach().to(loss_sum.device(), at::kDouble);
         st.loss_tokens += batch.num_label_tokens;

@@ -17,6 +17,7 @@
 #include "sparsecl/dist/dist.h"
 #include "sparsecl/io/safetensors.h"
 #include "sparsecl/model/lora.h"
+#include "sparsecl/model/loss.h"
 
 namespace sparsecl::train {
 
@@ -255,9 +256,11 @@ void gradient_covariances(model::Decoder& decoder, const std::vector<Site>& site
       model::ForwardInput in;
       in.input_ids = batch.input_ids.to(device);            // [B, T]
       in.attention_mask = batch.attention_mask.to(device);  // [B, T]
-      model::ForwardOutput out = decoder.forward(in);       // logits [B, T, V]
+      model::ForwardOptions fo;
+      fo.logits = false;  // the loss comes from the last hidden states a chunk at a time
+      model::ForwardOutput out = decoder.forward(in, fo);
       // The sum over the batch's loss tokens: the accumulated gradient is that of the total loss.
-      at::Tensor loss = model::causal_lm_loss(out.logits, batch.labels.to(device)) *
+      at::Tensor loss = model::chunked_causal_lm_loss(out.last_hidden, decoder.head_weight(), batch.labels) *
                         static_cast<double>(batch.num_label_tokens);
       out = {};
       loss.backward();

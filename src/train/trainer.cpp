@@ -164,8 +164,8 @@ json TrainOptions::to_json() const {
           {"checkpoint_layers", checkpoint_layers}};
 }
 
-double heldout_loss(const model::Decoder& decoder, const std::vector<data::Example>& examples, int64_t batch_size,
-                    int64_t pad_id) {
+HeldoutLoss heldout_loss(const model::Decoder& decoder, const std::vector<data::Example>& examples, int64_t batch_size,
+                         int64_t pad_id, Progress* progress) {
   if (batch_size < 1) throw Error("heldout_loss: batch_size must be >= 1");
   at::NoGradGuard no_grad;
   double sum = 0.0;
@@ -174,18 +174,21 @@ double heldout_loss(const model::Decoder& decoder, const std::vector<data::Examp
     if (!dist::owns(static_cast<int64_t>(b) / batch_size)) continue;  // batches dealt round-robin to the ranks
     const size_t e = std::min(examples.size(), b + static_cast<size_t>(batch_size));
     data::Batch batch = data::make_batch(examples, b, e, pad_id);
-    if (batch.num_label_tokens == 0) continue;
-    model::ForwardInput in;
-    in.input_ids = batch.input_ids.to(decoder.device());  // [B, T] right-padded: causal attention alone suffices
-    auto out = decoder.forward(in);
-    const double loss = model::causal_lm_loss(out.logits, batch.labels.to(decoder.device())).item<double>();
-    sum += loss * static_cast<double>(batch.num_label_tokens);
-    count += batch.num_label_tokens;
+    if (batch.num_label_tokens > 0) {
+      model::ForwardInput in;
+      in.input_ids = batch.input_ids.to(decoder.device());  // [B, T] right-padded: causal attention alone suffices
+      model::ForwardOptions fo;
+      fo.logits = false;
+      const at::Tensor hidden = decoder.forward(in, fo).last_hidden;  // [B, T, H]
+      const double loss = model::chunked_causal_lm_loss(hidden, decoder.head_weight(), batch.labels).item<double>();
+      sum += loss * static_cast<double>(batch.num_label_tokens);
+      count += batch.num_label_tokens;
+    }
+    if (progress) progress->update(static_cast<int64_t>(e - b), batch.num_tokens);
   }
   sum = dist::sum(sum);
   count = dist::sum(count);
-  if (count == 0) throw Error("heldout_loss: the examples have no loss tokens");
-  return sum / static_cast<double>(count);
+  return {count > 0 ? sum / static_cast<double>(count) : std::nan(""), count};
 }
 
 // ---------------------------------------------------------------------------------------------------

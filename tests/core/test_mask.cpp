@@ -578,12 +578,12 @@ void long_run(const std::string& method_name, double lr) {
   o.pad_id = pad;
   o.progress = false;
   TempDir dir("long_" + method_name);
-  const double before = train::heldout_loss(decoder, heldout, 8, pad);
+  const double before = train::heldout_loss(decoder, heldout, 8, pad).loss;
   const auto t0 = std::chrono::steady_clock::now();
   const auto result = train::train(decoder, *method, examples, o, dir.path, fixture_info());
   const double total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   method->merge_into_base(decoder);
-  const double after = train::heldout_loss(decoder, heldout, 8, pad);
+  const double after = train::heldout_loss(decoder, heldout, 8, pad).loss;
   std::printf("[%s on %s] held-out loss %.4f -> %.4f, train %.1f tokens/s (%lld tokens in %.1f s of steps; %.1f s "
               "with setup), last loss %.4f\n",
               method_name.c_str(), device.c_str(), before, after, result.tokens_per_s,

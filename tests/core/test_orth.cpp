@@ -599,13 +599,13 @@ TEST(OrthMethodLong, SmolLM2CodeThenMath) {
   m1->finish_stage(dec, code, s1.path);
   const double basis_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   m1->merge_into_base(dec);
-  const double before = train::heldout_loss(dec, heldout, 4, pad);
+  const double before = train::heldout_loss(dec, heldout, 4, pad).loss;
 
   ctx.examples = &math;
   ctx.previous = {s1.path};
   auto m2 = train::make_orth_method(cfg, ctx);
   const auto r2 = train::train(dec, *m2, math, o, s2.path, {json::object(), "long", model_dir.string()});
-  const double after = train::heldout_loss(dec, heldout, 4, pad);
+  const double after = train::heldout_loss(dec, heldout, 4, pad).loss;
   const auto bases = train::load_orth_bases(s1.path);
   const double overlap = max_overlap(dec, bases, 7 * dec.config().num_hidden_layers);
   int64_t dims = 0, total_in = 0;

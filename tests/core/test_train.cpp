@@ -229,7 +229,7 @@ TEST(Train, SavedAdapterReproducesTheTrainedModel) {
   const at::Tensor want = dec.forward(in).logits, got = fresh.forward(in).logits;  // [B, T, V]
   EXPECT_LT((want - got).abs().max().item<double>(), 1e-5);
   // heldout_loss agrees with the trained decoder and with the reloaded adapter.
-  EXPECT_NEAR(train::heldout_loss(dec, examples, 4, 0), train::heldout_loss(fresh, examples, 2, 0), 1e-5);
+  EXPECT_NEAR(train::heldout_loss(dec, examples, 4, 0).loss, train::heldout_loss(fresh, examples, 2, 0).loss, 1e-5);
   // merge_lora (the driver's stage transition) keeps the function.
   model::merge_lora(fresh);
   EXPECT_LT((fresh.forward(in).logits - want).abs().max().item<double>(), 1e-4);
@@ -267,7 +267,7 @@ TEST(Train, FullResumeReproducesTheRunAndWritesAModelDirectory) {
   // The output is a model directory: it loads, and differs from the base.
   auto trained = model::Decoder::load(full.path, at::kFloat, at::kCPU);
   auto base = load_model();
-  EXPECT_GT(train::heldout_loss(base, examples, 4, 0), train::heldout_loss(trained, examples, 4, 0));
+  EXPECT_GT(train::heldout_loss(base, examples, 4, 0).loss, train::heldout_loss(trained, examples, 4, 0).loss);
 }
 
 TEST(Train, RefusesMismatchedOrClobberingRuns) {

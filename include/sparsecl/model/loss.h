@@ -15,7 +15,8 @@
 namespace sparsecl::model {
 
 // hidden [B, T, H] (the decoder's last_hidden), head [V, H] (lm_head, or the tied embedding matrix),
-// labels [B, T] int64 with -100 = no loss (any device: moved to hidden's). Returns a scalar fp32 loss,
+// labels [B, T] int64 with -100 = no loss (any device; on the host, finding the label positions does not
+// wait for the device). Returns a scalar fp32 loss,
 // differentiable with respect to hidden and head (when they require grad). chunk_tokens >= 1 bounds the
 // logits held at once. No label token: an Error (the mean is undefined).
 at::Tensor chunked_causal_lm_loss(const at::Tensor& hidden, const at::Tensor& head, const at::Tensor& labels,

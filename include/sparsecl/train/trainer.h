@@ -36,6 +36,7 @@
 #include <utility>
 #include <vector>
 
+#include "sparsecl/common/progress.h"
 #include "sparsecl/data/dataset.h"
 #include "sparsecl/model/decoder.h"
 
@@ -180,9 +181,15 @@ TrainResult train(model::Decoder& decoder, Method& method, const std::vector<dat
 double learning_rate(const TrainOptions& options, int64_t step);
 
 // Token-weighted mean next-token loss over every label token of `examples` (no autograd, fp32 loss),
-// in batches of `batch_size`, in the given order. The eval code reuses it.
-double heldout_loss(const model::Decoder& decoder, const std::vector<data::Example>& examples, int64_t batch_size,
-                    int64_t pad_id);
+// in batches of `batch_size`, in the given order, dealt round-robin to the ranks of a data-parallel job.
+// The one held-out loss: finetune --heldout and eval (eval::heldout_loss) both use it. From the last
+// hidden states a chunk at a time (model::chunked_causal_lm_loss), never the [B, T, V] logits.
+struct HeldoutLoss {
+  double loss = 0;           // NaN when there is no label token
+  int64_t label_tokens = 0;  // over all ranks
+};
+HeldoutLoss heldout_loss(const model::Decoder& decoder, const std::vector<data::Example>& examples, int64_t batch_size,
+                         int64_t pad_id, Progress* progress = nullptr);
 
 // The order of sample slot `index` within epoch `epoch`: seeded_permutation(n, seed ^ mix(epoch)).
 std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch);
