@@ -151,9 +151,12 @@ std::vector<double> continuation_logliks(const model::Decoder& decoder, const st
     }
     model::ForwardInput in;
     in.input_ids = ids.to(decoder.device());  // [B, T] right-padded: causal attention alone suffices
-    const auto logits = decoder.forward(in).logits;  // [B, T, V]
-    const auto sel_d = sel.to(logits.device());  // the output device (pipeline placement)
-    const auto lp = target_logprobs(logits.index({sel_d}), targets.to(logits.device()).index({sel_d}));  // [N]
+    model::ForwardOptions fo;
+    fo.logits = false;  // the LM head only for the continuation positions, not [B, T, V]
+    const auto hidden = decoder.forward(in, fo).last_hidden;  // [B, T, H] on the output device
+    const auto sel_d = sel.to(hidden.device());
+    const auto logits = at::linear(hidden.index({sel_d}), decoder.head_weight());  // [N, V]
+    const auto lp = target_logprobs(logits, targets.to(hidden.device()).index({sel_d}));  // [N]
     const auto lp_cpu = lp.to(at::kCPU, at::kDouble).contiguous();
     const double* p = lp_cpu.data_ptr<double>();
     // index({mask}) walks row-major, so row i's continuation tokens are contiguous, in order.
