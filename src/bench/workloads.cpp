@@ -517,13 +517,20 @@ json check_against_cpu(const model::ModelConfig& config, at::Device device, at::
       examples[b].ids.assign(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + T);
       examples[b].loss_mask.assign(T, 1);
     }
-    auto mean_abs = [&](model::Decoder& d) {
+    // (mean |h| per neuron [L, I], per-sequence sums of |h| [L, n, I]) of every layer
+    auto stats = [&](model::Decoder& d) {
       const probe::DomainStats st = probe::collect_domain_stats(d, examples, "check", s, 0, seed);
-      std::vector<at::Tensor> layers;
-      for (int64_t l = 0; l < config.num_hidden_layers; ++l) layers.push_back(st.mean_abs(l).to(at::kCPU));
-      return at::stack(layers);  // [L, I]
+      std::vector<at::Tensor> mean_abs, seq_sum;
+      for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
+        mean_abs.push_back(st.mean_abs(l).to(at::kCPU));
+        seq_sum.push_back(st.layers[l].seq_sum.to(at::kCPU));
+      }
+      return std::make_pair(at::stack(mean_abs), at::stack(seq_sum));
     };
-    checks.push_back(compare("probe mean_abs", mean_abs(dev), mean_abs(ref), value_tol));
+    const auto [dev_mean_abs, dev_seq_sum] = stats(dev);
+    const auto [ref_mean_abs, ref_seq_sum] = stats(ref);
+    checks.push_back(compare("probe mean_abs", dev_mean_abs, ref_mean_abs, value_tol));
+    checks.push_back(compare("probe per-sequence sums", dev_seq_sum, ref_seq_sum, value_tol));
   }
   {
     const auto [ref_loss, ref_grads] = lora_loss_and_grads(ref, ids, false);

@@ -169,7 +169,7 @@ TEST(BenchCheck, CpuAgainstItself) {
   // float32 on the CPU against float32 on the CPU: the same computation, errors ~0
   const json exact = bench::check_against_cpu(config, at::kCPU, at::kFloat, 3);
   EXPECT_TRUE(exact["passed"].get<bool>()) << exact.dump(2);
-  ASSERT_EQ(exact["checks"].size(), 8u);
+  ASSERT_EQ(exact["checks"].size(), 9u);
   for (const auto& c : exact["checks"]) EXPECT_LT(c["rel_err"].get<double>(), 1e-5) << c.dump();
   // bfloat16 on the CPU: within the bf16 tolerances, but visibly not exact
   const json bf16 = bench::check_against_cpu(config, at::kCPU, at::kBFloat16, 3);
