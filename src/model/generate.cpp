@@ -210,6 +210,7 @@ std::vector<std::vector<int64_t>> greedy_generate(const Decoder& decoder, const 
           graph->replay();
           record(token);
         }
+        side.synchronize();  // the last replays are done before the graph and its memory pool go
       }
       at::cuda::CUDAEvent decode_done;
       decode_done.record(side);
