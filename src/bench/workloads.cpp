@@ -59,37 +59,59 @@ int64_t peak_rss_bytes() {
   return static_cast<int64_t>(usage.ru_maxrss) * 1024;  // Linux reports KiB
 }
 
-// Peak memory of one workload: on CUDA the caching allocator's cache is emptied and its peaks reset
-// when the workload starts (so "reserved" is this workload's own), and read when it ends.
+// The distinct devices a decoder's tensors live on (one, or the GPUs of a pipeline placement).
+std::vector<at::Device> devices_of(const model::Decoder& decoder) {
+  std::vector<at::Device> out;
+  const model::Placement& p = decoder.placement();
+  std::vector<at::Device> all = {p.embed_device};
+  all.insert(all.end(), p.layer_devices.begin(), p.layer_devices.end());
+  all.push_back(p.head_device);
+  for (const at::Device& d : all)
+    if (std::find(out.begin(), out.end(), d) == out.end()) out.push_back(d);
+  return out;
+}
+
+void synchronize(const std::vector<at::Device>& devices) {
+  for (const at::Device& d : devices) synchronize(d);
+}
+
+// Peak memory of one workload over the decoder's devices: on CUDA each caching allocator's cache is
+// emptied and its peaks reset when the workload starts (so "reserved" is this workload's own), and
+// read when it ends; the result sums the devices' peaks (each device's in peak_per_device when there
+// are several).
 class PeakMemory {
  public:
-  explicit PeakMemory(at::Device device) : device_(device) {
-    synchronize(device_);
+  explicit PeakMemory(const model::Decoder& decoder) : devices_(devices_of(decoder)) {
+    synchronize(devices_);
 #ifdef SPARSECL_WITH_CUDA
-    if (device_.is_cuda()) {
-      c10::cuda::CUDACachingAllocator::emptyCache();
-      c10::cuda::CUDACachingAllocator::resetPeakStats(index());
-    }
+    c10::cuda::CUDACachingAllocator::emptyCache();
+    for (const at::Device& d : devices_)
+      if (d.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(index(d));
 #endif
   }
   void record(WorkloadResult& r) const {
-    synchronize(device_);
+    synchronize(devices_);
 #ifdef SPARSECL_WITH_CUDA
-    if (device_.is_cuda()) {
-      const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(index());
+    json per_device = json::object();
+    for (const at::Device& d : devices_) {
+      if (!d.is_cuda()) continue;
+      const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(index(d));
       constexpr auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
-      r.peak_allocated_bytes = stats.allocated_bytes[all].peak;
-      r.peak_reserved_bytes = stats.reserved_bytes[all].peak;
+      r.peak_allocated_bytes = std::max<int64_t>(r.peak_allocated_bytes, 0) + stats.allocated_bytes[all].peak;
+      r.peak_reserved_bytes = std::max<int64_t>(r.peak_reserved_bytes, 0) + stats.reserved_bytes[all].peak;
+      per_device[d.str()] = {{"peak_allocated_bytes", stats.allocated_bytes[all].peak},
+                             {"peak_reserved_bytes", stats.reserved_bytes[all].peak}};
     }
+    if (per_device.size() > 1) r.peak_per_device = per_device;
 #endif
     r.peak_rss_bytes = peak_rss_bytes();
   }
 
  private:
 #ifdef SPARSECL_WITH_CUDA
-  c10::DeviceIndex index() const { return device_.has_index() ? device_.index() : at::cuda::current_device(); }
+  static c10::DeviceIndex index(at::Device d) { return d.has_index() ? d.index() : at::cuda::current_device(); }
 #endif
-  at::Device device_;
+  std::vector<at::Device> devices_;
 };
 
 void finish(WorkloadResult& r) {
@@ -162,6 +184,7 @@ json ModelBenchOptions::to_json() const {
           {"batch", batch},                        {"seq", seq},               {"workloads", workloads},
           {"gen_batch", gen_batch},                {"prompt_len", prompt_len}, {"new_tokens", new_tokens},
           {"warmup", warmup},                      {"iters", iters},           {"gen_iters", gen_iters},
+          {"device_map", device_map},
           {"lora_r", lora_r},                      {"lora_alpha", lora_alpha}, {"checkpoint_layers", checkpoint_layers},
           {"top_ratio", top_ratio},
           {"seed", seed}};
@@ -217,6 +240,7 @@ json WorkloadResult::to_json() const {
             {"peak_allocated_bytes", peak_allocated_bytes < 0 ? json(nullptr) : json(peak_allocated_bytes)},
             {"peak_reserved_bytes", peak_reserved_bytes < 0 ? json(nullptr) : json(peak_reserved_bytes)},
             {"peak_rss_bytes", peak_rss_bytes}};
+  if (!peak_per_device.empty()) j["peak_per_device"] = peak_per_device;
   for (const auto& [k, v] : details.items()) j[k] = v;
   return j;
 }
@@ -248,7 +272,7 @@ WorkloadResult run_lora_step(model::Decoder& decoder, const ModelBenchOptions& o
 
   WorkloadResult r;
   r.name = checkpointing ? "lora-step-ckpt" : "lora-step";
-  PeakMemory memory(decoder.device());
+  PeakMemory memory(decoder);
   train::TrainResult tr;
   try {
     tr = train::train(decoder, method, examples, to, out, info);
@@ -301,10 +325,10 @@ WorkloadResult run_probe_forward(model::Decoder& decoder, const ModelBenchOption
 
   WorkloadResult r;
   r.name = "probe-forward";
-  PeakMemory memory(decoder.device());
+  PeakMemory memory(decoder);
   const auto t0 = std::chrono::steady_clock::now();
   probe::DomainStats st = probe::collect_domain_stats(decoder, timed, "bench", settings, 0, o.seed);
-  synchronize(decoder.device());
+  synchronize(devices_of(decoder));
   r.seconds = seconds_since(t0);
   memory.record(r);
   r.tokens = st.num_tokens;
@@ -327,13 +351,13 @@ WorkloadResult run_generate(const model::Decoder& decoder, const ModelBenchOptio
   go.max_new_tokens = o.new_tokens;  // no stop ids: every row decodes new_tokens
   WorkloadResult r;
   r.name = "generate";
-  PeakMemory memory(decoder.device());
+  PeakMemory memory(decoder);
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < o.gen_iters; ++i) {
     const auto out = model::greedy_generate(decoder, prompts, go);
     for (const auto& row : out) r.tokens += static_cast<int64_t>(row.size());
   }
-  synchronize(decoder.device());
+  synchronize(devices_of(decoder));
   r.seconds = seconds_since(t0);
   memory.record(r);
   if (r.tokens != o.gen_iters * o.gen_batch * o.new_tokens)
@@ -376,8 +400,9 @@ json run_model_bench(const ModelBenchOptions& o, const std::string& command) {
               shape_key(config).c_str(), params_b, o.dtype.c_str(), device.str().c_str(), name.c_str());
   std::fflush(stdout);
   const auto t_build = std::chrono::steady_clock::now();
-  model::Decoder decoder = model::Decoder::random(config, dtype, device, o.seed);
-  synchronize(device);
+  model::Decoder decoder = model::Decoder::random(config, dtype, model::resolve_placement(config, o.device_map, device, dtype), o.seed);
+  synchronize(devices_of(decoder));
+  if (!decoder.placement().is_single()) std::printf("placement: %s\n", decoder.placement().describe().c_str());
   log::info("random decoder built in ", seconds_since(t_build), " s");
 
   std::printf("%-15s %12s %10s %14s %14s %12s %9s\n", "workload", "tokens/s", "TFLOP/s", "peak alloc GiB",

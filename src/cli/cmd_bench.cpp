@@ -315,6 +315,8 @@ void add_bench(CLI::App& root) {
   model_cmd->add_option("--gen-iters", mo.gen_iters, "timed greedy_generate calls")->capture_default_str();
   model_cmd->add_option("--lora-r", mo.lora_r, "LoRA rank (all 7 projections)")->capture_default_str();
   model_cmd->add_option("--lora-alpha", mo.lora_alpha, "LoRA alpha")->capture_default_str();
+  model_cmd->add_option("--device-map", mo.device_map,
+                        "layers over several devices: auto or cuda:0,cuda:1,... (overrides --device; memory summed)");
   model_cmd->add_option("--checkpoint-layers", mo.checkpoint_layers,
                         "lora-step-ckpt: recompute only the first N decoder layers (-1: all)")
       ->capture_default_str();

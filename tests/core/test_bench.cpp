@@ -151,6 +151,18 @@ TEST(BenchWorkloads, TinyConfigOnCpu) {
   EXPECT_DOUBLE_EQ(g.flops, bench::generate_flops(config, o.gen_batch, o.prompt_len, o.new_tokens));
 }
 
+// Under a pipeline placement (--device-map; "cpu,cpu" splits the layers on the CPU) the workloads run
+// and report the placement in the JSON's options.
+TEST(BenchWorkloads, DeviceMapSplitsTheDecoder) {
+  auto o = tiny_options();
+  o.device_map = "cpu,cpu";
+  o.workloads = {"probe-forward", "generate"};
+  const json doc = bench::run_model_bench(o, "test");
+  EXPECT_EQ(doc["options"]["device_map"], "cpu,cpu");
+  ASSERT_EQ(doc["workloads"].size(), 2u);
+  EXPECT_EQ(doc["workloads"][1]["tokens"].get<int64_t>(), o.gen_batch * o.new_tokens);
+}
+
 TEST(BenchWorkloads, OptionsAreValidated) {
   auto o = tiny_options();
   o.workloads = {"probe-forward-ckpt"};

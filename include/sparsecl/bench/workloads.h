@@ -55,6 +55,7 @@ const std::vector<std::string>& model_workload_names();
 struct ModelBenchOptions {
   std::filesystem::path model_config;  // a HF config.json (configs/models/*.json)
   std::string device = "cuda";         // cpu | cuda | cuda:N
+  std::string device_map;              // layers over several devices (model::parse_device_map): auto | cuda:0,cuda:1,...
   std::string dtype = "bfloat16";      // the decoder's weights and compute
   int64_t batch = 4;                   // sequences per step (lora-step*, probe-forward)
   int64_t seq = 2048;                  // tokens per sequence
@@ -88,8 +89,9 @@ struct WorkloadResult {
   double tokens_per_s = 0.0;
   double flops = 0.0;        // model FLOPs of the timed part
   double tflops_per_s = 0.0;
-  int64_t peak_allocated_bytes = -1;  // CUDA caching allocator peaks during the workload (-1: not CUDA)
-  int64_t peak_reserved_bytes = -1;
+  int64_t peak_allocated_bytes = -1;  // CUDA caching allocator peaks during the workload (-1: not CUDA),
+  int64_t peak_reserved_bytes = -1;   // summed over the devices of a pipeline placement
+  nlohmann::json peak_per_device = nlohmann::json::object();  // {"cuda:0": {...}, ...} with several GPUs
   int64_t peak_rss_bytes = 0;         // the process's peak resident set so far (getrusage; never reset)
   nlohmann::json details = nlohmann::json::object();  // shapes, loss, k, ...
 
