@@ -84,9 +84,13 @@ class PeakMemory {
   explicit PeakMemory(const model::Decoder& decoder) : devices_(devices_of(decoder)) {
     synchronize(devices_);
 #ifdef SPARSECL_WITH_CUDA
-    c10::cuda::CUDACachingAllocator::emptyCache();
-    for (const at::Device& d : devices_)
-      if (d.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(index(d));
+    bool emptied = false;
+    for (const at::Device& d : devices_) {
+      if (!d.is_cuda()) continue;
+      if (!emptied) c10::cuda::CUDACachingAllocator::emptyCache();  // every GPU's cache
+      emptied = true;
+      c10::cuda::CUDACachingAllocator::resetPeakStats(index(d));
+    }
 #endif
   }
   void record(WorkloadResult& r) const {
