@@ -1,16 +1,21 @@
-// Byte-level BPE exactly as HF `tokenizers` runs it, for tokenizer.json files (Llama-3, Qwen2/2.5/3,
-// SmolLM2) and GPT-2 vocab.json + merges.txt. The pipeline mirrors tokenizers' TokenizerImpl::encode:
+// BPE exactly as HF `tokenizers` runs it, for tokenizer.json files — byte-level (Llama-3, Qwen2/2.5/3,
+// SmolLM2, Mistral's Tekken) and SentencePiece-style with byte fallback (Llama-2, Mistral v0.1-v0.3,
+// TinyLlama: "▁" for spaces, <0xXX> byte tokens) — and GPT-2 vocab.json + merges.txt. The pipeline
+// mirrors tokenizers' TokenizerImpl::encode:
 //   1. added tokens (non-normalized ones) are cut out of the raw text, leftmost-longest;
-//   2. the rest is normalised (NFC/NFD/NFKC/NFKD or a Sequence of them), then normalized added tokens
-//      are cut out;
-//   3. pre-tokenisation: Split (PCRE2 regex, Isolated/Removed), Digits (SmolLM's individual digits) and
-//      ByteLevel (prefix space, GPT-2 regex, bytes -> printable characters), each applied to every piece
+//   2. the rest is normalised (NFC/NFD/NFKC/NFKD, Prepend, Replace, or a Sequence of them), then
+//      normalized added tokens are cut out;
+//   3. pre-tokenisation: Split (PCRE2 regex, Isolated/Removed), Digits (SmolLM's individual digits),
+//      ByteLevel (prefix space, GPT-2 regex, bytes -> printable characters) and Metaspace (spaces -> "▁",
+//      prepend scheme always/first/never, optional split before each "▁"), each applied to every piece
 //      the previous step produced;
 //   4. the BPE model: whole piece in the vocabulary when ignore_merges, otherwise the lowest-rank merge
 //      first (ties: leftmost), with the same heap-and-linked-list procedure as tokenizers' Word::merge_all;
+//      characters outside the vocabulary become <0xXX> byte tokens (byte_fallback) or the unk token;
 //   5. post-processing: TemplateProcessing (BOS etc.) when add_special_tokens.
-// Decoding maps byte-level characters back to bytes (tokens with other characters are copied as-is) and
-// repairs invalid UTF-8 like Rust's from_utf8_lossy. Any component we do not implement is an error.
+// Decoding runs the decoder chain over the token strings as tokenizers' decode_chain does: ByteLevel
+// (characters back to bytes, invalid UTF-8 repaired like Rust's from_utf8_lossy), Replace, ByteFallback,
+// Fuse, Strip and Metaspace. Any component we do not implement is an error naming it.
 #ifndef PCRE2_CODE_UNIT_WIDTH
 #define PCRE2_CODE_UNIT_WIDTH 8
 #endif
@@ -40,6 +45,9 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
+
+// Pieces at least this long are not cached (tokenizers' BPE cache: MAX_LENGTH 256).
+constexpr size_t kMaxCachedWordBytes = 256;
 
 // The GPT-2 pre-tokenisation regex (what ByteLevel's use_regex applies).
 constexpr const char* kGpt2Regex =
@@ -126,12 +134,37 @@ struct AddedToken {
   std::string pattern;  // what is matched: content, normalised like the text when `normalized`
 };
 
+struct NormStep {
+  enum class Kind { Unicode, Prepend, Replace } kind;
+  unicode::NormalForm form = unicode::NormalForm::NFC;  // Unicode
+  std::string text;                                     // Prepend: the prefix; Replace: the replacement
+  std::shared_ptr<Regex> pattern;                       // Replace: what is replaced
+};
+
 struct PreStep {
-  enum class Kind { Split, ByteLevel, Digits } kind;
+  enum class Kind { Split, ByteLevel, Digits, Metaspace };
+  explicit PreStep(Kind k, std::shared_ptr<Regex> re = nullptr) : kind(k), regex(std::move(re)) {}
+  Kind kind;
   std::shared_ptr<Regex> regex;  // Split: its pattern; ByteLevel: the GPT-2 regex when use_regex
   enum class Behavior { Isolated, Removed } behavior = Behavior::Isolated;
   bool add_prefix_space = false;
   bool individual_digits = false;  // Digits: each digit alone (else runs of digits)
+  // Metaspace: spaces become `replacement`, which is prepended to every piece (always), to the piece
+  // that starts the input (first) or never; split: a new piece starts at every replacement.
+  std::string replacement;
+  enum class Prepend { Always, First, Never } prepend = Prepend::Always;
+  bool split = true;
+};
+
+// One step of tokenizers' decoder chain (each maps the list of token strings to a new list).
+struct DecodeStep {
+  enum class Kind { ByteLevel, Replace, ByteFallback, Fuse, Strip, Metaspace };
+  explicit DecodeStep(Kind k, std::shared_ptr<Regex> p = nullptr) : kind(k), pattern(std::move(p)) {}
+  Kind kind;
+  std::shared_ptr<Regex> pattern;  // Replace: what is replaced ...
+  std::string content;             // ... by this; Strip: the character removed; Metaspace: the replacement
+  size_t strip_start = 0, strip_stop = 0;  // Strip: at most this many from the start / end of each token
+  bool metaspace_prepend = true;           // Metaspace: the first token's replacements are dropped
 };
 
 struct TemplateItem {
@@ -143,7 +176,27 @@ struct TemplateItem {
 struct Segment {
   std::string text;
   int32_t added_id = -1;
+  bool at_input_start = false;  // the text begins at byte 0 of the whole input (Metaspace "first")
 };
+
+// A pre-tokenised piece of text and whether it begins at byte 0 of the whole input.
+struct Piece {
+  std::string text;
+  bool at_input_start = false;
+};
+
+// `s` with every match of `re` replaced by `with`.
+std::string replace_all(const std::string& s, const Regex& re, const std::string& with) {
+  std::string out;
+  size_t prev = 0;
+  for (auto [b, e] : re.find_all(s)) {
+    out.append(s, prev, b - prev);
+    out += with;
+    prev = e;
+  }
+  out.append(s, prev, std::string::npos);
+  return out;
+}
 
 bool is_numeric(char32_t cp) {  // Rust char::is_numeric: general categories Nd, Nl, No
   auto c = utf8proc_category(static_cast<utf8proc_int32_t>(cp));
@@ -224,18 +277,18 @@ class BpeTokenizer final : public Tokenizer {
   std::vector<int32_t> id_to_added_;  // id -> index in added_, or -1
   std::array<std::vector<int32_t>, 256> by_first_byte_raw_, by_first_byte_norm_;
   bool any_normalized_added_ = false;
-  std::vector<unicode::NormalForm> normalizers_;
+  std::vector<NormStep> normalizers_;
   std::vector<PreStep> pre_steps_;
   std::vector<TemplateItem> template_;  // empty: no TemplateProcessing
   std::optional<int32_t> extra_bos_, extra_eos_;  // from tokenizer_config add_bos_token / add_eos_token
-  enum class Decoder { ByteLevel, None } decoder_ = Decoder::None;
+  std::optional<std::vector<DecodeStep>> decoder_;  // none: tokens joined with spaces (as tokenizers)
 
   // ---- Tokenizer interface -----------------------------------------------------------------------
   std::vector<int64_t> encode(std::string_view text, bool add_special_tokens) const override {
     if (!unicode::valid_utf8(text)) throw Error("tokenizer " + source_ + ": input text is not valid UTF-8");
     std::vector<int64_t> ids;
     std::vector<Segment> segments;
-    split_added(text, by_first_byte_raw_, segments);
+    split_added(text, by_first_byte_raw_, true, segments);
     for (auto& seg : segments) {
       if (seg.added_id >= 0) {
         ids.push_back(seg.added_id);
@@ -244,13 +297,13 @@ class BpeTokenizer final : public Tokenizer {
       std::string normalized = normalize(seg.text);
       if (any_normalized_added_) {
         std::vector<Segment> inner;
-        split_added(normalized, by_first_byte_norm_, inner);
+        split_added(normalized, by_first_byte_norm_, seg.at_input_start, inner);
         for (auto& s : inner) {
           if (s.added_id >= 0) ids.push_back(s.added_id);
-          else encode_text(s.text, ids);
+          else encode_text(s.text, s.at_input_start, ids);
         }
       } else {
-        encode_text(normalized, ids);
+        encode_text(normalized, seg.at_input_start, ids);
       }
     }
     if (!add_special_tokens) return ids;
@@ -269,41 +322,26 @@ class BpeTokenizer final : public Tokenizer {
   }
 
   std::string decode(const std::vector<int64_t>& ids, bool skip_special_tokens) const override {
-    std::vector<const std::string*> tokens;
+    std::vector<std::string> tokens;
     tokens.reserve(ids.size());
     for (int64_t id : ids) {
       const std::string* tok = token_ptr(id);
       if (!tok) continue;
       if (skip_special_tokens && is_special(id)) continue;
-      tokens.push_back(tok);
+      tokens.push_back(*tok);
     }
-    if (decoder_ == Decoder::None) {
+    if (!decoder_) {
       std::string out;
       for (size_t i = 0; i < tokens.size(); ++i) {
         if (i) out.push_back(' ');
-        out += *tokens[i];
+        out += tokens[i];
       }
       return out;
     }
-    std::string bytes;
-    for (const std::string* tok : tokens) {
-      size_t start = bytes.size();
-      bool all_mapped = true;
-      size_t i = 0;
-      while (i < tok->size()) {
-        int b = unicode::unicode_to_byte(unicode::next_code_point(*tok, i));
-        if (b < 0) {
-          all_mapped = false;
-          break;
-        }
-        bytes.push_back(static_cast<char>(b));
-      }
-      if (!all_mapped) {
-        bytes.resize(start);
-        bytes += *tok;
-      }
-    }
-    return unicode::repair_utf8(bytes);
+    for (const DecodeStep& step : *decoder_) run_decode_step(step, tokens);
+    std::string out;
+    for (const auto& t : tokens) out += t;
+    return out;
   }
 
   int64_t vocab_size() const override {
@@ -348,13 +386,121 @@ class BpeTokenizer final : public Tokenizer {
 
   std::string normalize(const std::string& s) const {
     std::string out = s;
-    for (auto form : normalizers_) out = unicode::normalize(out, form);
+    for (const NormStep& n : normalizers_) {
+      switch (n.kind) {
+        case NormStep::Kind::Unicode: out = unicode::normalize(out, n.form); break;
+        case NormStep::Kind::Prepend: if (!out.empty()) out.insert(0, n.text); break;
+        case NormStep::Kind::Replace: out = replace_all(out, *n.pattern, n.text); break;
+      }
+    }
     return out;
   }
 
+  // tokenizers' decoders, one decode_chain step over the token strings.
+  static void run_decode_step(const DecodeStep& step, std::vector<std::string>& tokens) {
+    switch (step.kind) {
+      case DecodeStep::Kind::ByteLevel: {  // all tokens -> one string; unmapped tokens copied as bytes
+        std::string bytes;
+        for (const std::string& tok : tokens) {
+          size_t start = bytes.size(), i = 0;
+          bool all_mapped = true;
+          while (i < tok.size()) {
+            int b = unicode::unicode_to_byte(unicode::next_code_point(tok, i));
+            if (b < 0) {
+              all_mapped = false;
+              break;
+            }
+            bytes.push_back(static_cast<char>(b));
+          }
+          if (!all_mapped) {
+            bytes.resize(start);
+            bytes += tok;
+          }
+        }
+        tokens.assign(1, unicode::repair_utf8(bytes));
+        return;
+      }
+      case DecodeStep::Kind::Replace:
+        for (auto& t : tokens) t = replace_all(t, *step.pattern, step.content);
+        return;
+      case DecodeStep::Kind::ByteFallback: {  // runs of <0xXX> -> their UTF-8 text, or one U+FFFD per byte
+        std::vector<std::string> out;
+        std::string run;
+        size_t run_len = 0;
+        auto flush = [&] {
+          if (run_len == 0) return;
+          if (unicode::valid_utf8(run)) out.push_back(run);
+          else for (size_t k = 0; k < run_len; ++k) out.emplace_back("\xEF\xBF\xBD");
+          run.clear();
+          run_len = 0;
+        };
+        for (auto& t : tokens) {
+          int byte = byte_token_value(t);
+          if (byte >= 0) {
+            run.push_back(static_cast<char>(byte));
+            ++run_len;
+          } else {
+            flush();
+            out.push_back(std::move(t));
+          }
+        }
+        flush();
+        tokens.swap(out);
+        return;
+      }
+      case DecodeStep::Kind::Fuse: {
+        std::string all;
+        for (const auto& t : tokens) all += t;
+        tokens.assign(1, std::move(all));
+        return;
+      }
+      case DecodeStep::Kind::Strip:
+        for (auto& t : tokens) {
+          size_t b = 0, e = t.size();
+          for (size_t k = 0; k < step.strip_start && t.compare(b, step.content.size(), step.content) == 0 &&
+                             b < e; ++k)
+            b += step.content.size();
+          for (size_t k = 0; k < step.strip_stop && e >= b + step.content.size() &&
+                             t.compare(e - step.content.size(), step.content.size(), step.content) == 0; ++k)
+            e -= step.content.size();
+          t = t.substr(b, e - b);
+        }
+        return;
+      case DecodeStep::Kind::Metaspace:
+        for (size_t i = 0; i < tokens.size(); ++i) {
+          std::string out;
+          const std::string& t = tokens[i];
+          for (size_t k = 0; k < t.size();) {
+            if (t.compare(k, step.content.size(), step.content) == 0) {
+              if (!(i == 0 && step.metaspace_prepend)) out.push_back(' ');
+              k += step.content.size();
+            } else {
+              out.push_back(t[k++]);
+            }
+          }
+          tokens[i] = std::move(out);
+        }
+        return;
+    }
+  }
+
+  // The byte of a "<0xXX>" token (tokenizers' ByteFallback test: 6 bytes, hex digits), or -1.
+  static int byte_token_value(const std::string& t) {
+    if (t.size() != 6 || t.compare(0, 3, "<0x") != 0 || t[5] != '>') return -1;
+    auto hex = [](char c) {
+      if (c >= '0' && c <= '9') return c - '0';
+      if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+      if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+      return -1;
+    };
+    int hi = hex(t[3]), lo = hex(t[4]);
+    return hi < 0 || lo < 0 ? -1 : hi * 16 + lo;
+  }
+
   // Cuts added tokens out of `text` (leftmost-longest), honouring lstrip/rstrip/single_word.
+  // `text_at_input_start`: `text` itself begins at byte 0 of the input (so may its first segment).
   void split_added(std::string_view text, const std::array<std::vector<int32_t>, 256>& table,
-                   std::vector<Segment>& out) const {
+                   bool text_at_input_start, std::vector<Segment>& out) const {
     size_t last = 0;  // end of the previous token (start of pending text)
     size_t i = 0;
     while (i < text.size()) {
@@ -388,11 +534,12 @@ class BpeTokenizer final : public Tokenizer {
           end = q;
         }
       }
-      if (start > last) out.push_back(Segment{std::string(text.substr(last, start - last)), -1});
+      if (start > last)
+        out.push_back(Segment{std::string(text.substr(last, start - last)), -1, text_at_input_start && last == 0});
       out.push_back(Segment{{}, hit->id});
       last = i = end;
     }
-    if (last < text.size()) out.push_back(Segment{std::string(text.substr(last)), -1});
+    if (last < text.size()) out.push_back(Segment{std::string(text.substr(last)), -1, text_at_input_start && last == 0});
   }
 
   static bool single_word_ok(std::string_view text, size_t b, size_t e) {
@@ -408,68 +555,101 @@ class BpeTokenizer final : public Tokenizer {
     return true;
   }
 
-  // Pre-tokenises normalised text and appends the BPE ids of every piece.
-  void encode_text(const std::string& text, std::vector<int64_t>& ids) const {
+  // Pre-tokenises normalised text and appends the BPE ids of every piece. `at_input_start`: the text
+  // begins at byte 0 of the whole input (what Metaspace's "first" prepend scheme asks).
+  void encode_text(const std::string& text, bool at_input_start, std::vector<int64_t>& ids) const {
     if (text.empty()) return;
-    std::vector<std::string> pieces{text};
-    std::vector<std::string> next;
+    std::vector<Piece> pieces{Piece{text, at_input_start}};
+    std::vector<Piece> next;
     for (const auto& step : pre_steps_) {
       next.clear();
       for (auto& piece : pieces) {
-        if (step.kind == PreStep::Kind::Split) {
-          split_regex(piece, *step.regex, step.behavior, next);
-        } else if (step.kind == PreStep::Kind::Digits) {
-          split_digits(piece, step.individual_digits, next);
-        } else {
-          std::string p = std::move(piece);
-          if (step.add_prefix_space && (p.empty() || p[0] != ' ')) p.insert(p.begin(), ' ');
-          std::vector<std::string> parts;
-          if (step.regex) split_regex(p, *step.regex, PreStep::Behavior::Isolated, parts);
-          else parts.push_back(std::move(p));
-          const auto& table = unicode::bytes_to_unicode();
-          for (const auto& part : parts) {
-            std::string mapped;
-            mapped.reserve(part.size() * 2);
-            for (unsigned char c : part) mapped += table[c];
-            next.push_back(std::move(mapped));
-          }
+        switch (step.kind) {
+          case PreStep::Kind::Split: split_regex(piece, *step.regex, step.behavior, next); break;
+          case PreStep::Kind::Digits: split_digits(piece, step.individual_digits, next); break;
+          case PreStep::Kind::ByteLevel: byte_level(std::move(piece), step, next); break;
+          case PreStep::Kind::Metaspace: metaspace(std::move(piece), step, next); break;
         }
       }
       pieces.swap(next);
     }
     for (const auto& piece : pieces)
-      if (!piece.empty()) bpe(piece, ids);
+      if (!piece.text.empty()) bpe(piece.text, ids);
   }
 
-  static void split_regex(const std::string& s, const Regex& re, PreStep::Behavior behavior,
-                          std::vector<std::string>& out) {
+  // The pieces of `in` around the matches of `re` (matches kept when Isolated, dropped when Removed).
+  static void split_regex(const Piece& in, const Regex& re, PreStep::Behavior behavior, std::vector<Piece>& out) {
+    const std::string& s = in.text;
     size_t prev = 0;
+    auto emit = [&](size_t b, size_t e) { out.push_back(Piece{s.substr(b, e - b), in.at_input_start && b == 0}); };
     for (auto [b, e] : re.find_all(s)) {
-      if (b > prev) out.emplace_back(s.substr(prev, b - prev));
-      if (behavior == PreStep::Behavior::Isolated) out.emplace_back(s.substr(b, e - b));
+      if (b > prev) emit(prev, b);
+      if (behavior == PreStep::Behavior::Isolated) emit(b, e);
       prev = e;
     }
-    if (prev < s.size()) out.emplace_back(s.substr(prev));
+    if (prev < s.size()) emit(prev, s.size());
   }
 
   // tokenizers' Digits: numeric characters isolated one by one (individual_digits) or as runs.
-  static void split_digits(const std::string& s, bool individual, std::vector<std::string>& out) {
+  static void split_digits(const Piece& in, bool individual, std::vector<Piece>& out) {
+    const std::string& s = in.text;
+    auto emit = [&](size_t b, size_t e) { out.push_back(Piece{s.substr(b, e - b), in.at_input_start && b == 0}); };
     size_t i = 0, pending = 0;
     bool in_run = false;
     while (i < s.size()) {
       size_t at = i;
       bool num = is_numeric(unicode::next_code_point(s, i));
       if (num && individual) {
-        if (at > pending) out.emplace_back(s.substr(pending, at - pending));
-        out.emplace_back(s.substr(at, i - at));
+        if (at > pending) emit(pending, at);
+        emit(at, i);
         pending = i;
       } else if (num != in_run) {
-        if (at > pending) out.emplace_back(s.substr(pending, at - pending));
+        if (at > pending) emit(pending, at);
         pending = at;
         in_run = num;
       }
     }
-    if (pending < s.size()) out.emplace_back(s.substr(pending));
+    if (pending < s.size()) emit(pending, s.size());
+  }
+
+  // tokenizers' ByteLevel: optional prefix space, the GPT-2 regex, bytes -> printable characters.
+  static void byte_level(Piece in, const PreStep& step, std::vector<Piece>& out) {
+    if (step.add_prefix_space && (in.text.empty() || in.text[0] != ' ')) in.text.insert(in.text.begin(), ' ');
+    std::vector<Piece> parts;
+    if (step.regex) split_regex(in, *step.regex, PreStep::Behavior::Isolated, parts);
+    else parts.push_back(std::move(in));
+    const auto& table = unicode::bytes_to_unicode();
+    for (auto& part : parts) {
+      std::string mapped;
+      mapped.reserve(part.text.size() * 2);
+      for (unsigned char c : part.text) mapped += table[c];
+      out.push_back(Piece{std::move(mapped), part.at_input_start});
+    }
+  }
+
+  // tokenizers' Metaspace: ' ' -> replacement, the prepend scheme, then (split) a new piece at every
+  // replacement (SplitDelimiterBehavior::MergedWithNext: "a▁▁b" -> "a", "▁", "▁b").
+  static void metaspace(Piece in, const PreStep& step, std::vector<Piece>& out) {
+    const std::string& r = step.replacement;
+    std::string s;
+    s.reserve(in.text.size() + r.size());
+    for (char c : in.text) {
+      if (c == ' ') s += r;
+      else s.push_back(c);
+    }
+    bool prepend = step.prepend == PreStep::Prepend::Always ||
+                   (step.prepend == PreStep::Prepend::First && in.at_input_start);
+    if (prepend && s.compare(0, r.size(), r) != 0) s.insert(0, r);
+    if (!step.split) {
+      out.push_back(Piece{std::move(s), in.at_input_start});
+      return;
+    }
+    size_t begin = 0;
+    for (size_t k = s.find(r, r.size()); k != std::string::npos; k = s.find(r, k + r.size())) {
+      if (k > begin) out.push_back(Piece{s.substr(begin, k - begin), in.at_input_start && begin == 0});
+      begin = k;
+    }
+    out.push_back(Piece{s.substr(begin), in.at_input_start && begin == 0});
   }
 
   void bpe(const std::string& word, std::vector<int64_t>& ids) const {
@@ -490,6 +670,7 @@ class BpeTokenizer final : public Tokenizer {
     }
     std::vector<int32_t> result = merge_word(word);
     ids.insert(ids.end(), result.begin(), result.end());
+    if (word.size() >= kMaxCachedWordBytes) return;  // long pieces (Metaspace without split) are not cached
     std::lock_guard<std::mutex> lock(cache_mutex_);
     if (cache_.size() > 200000) cache_.clear();
     cache_.emplace(word, std::move(result));
@@ -591,16 +772,59 @@ std::string type_of(const json& j, const fs::path& file, const std::string& wher
   return j["type"].get<std::string>();
 }
 
-void parse_normalizer(const json& j, const fs::path& file, std::vector<unicode::NormalForm>& out) {
+std::string string_field(const json& j, const char* key, const fs::path& file, const std::string& where) {
+  if (!j.contains(key) || !j[key].is_string())
+    throw Error(file.string() + ": " + where + " has no string \"" + key + "\"");
+  return j[key].get<std::string>();
+}
+
+// A Replace / Split pattern: {"String": literal} or {"Regex": PCRE}.
+std::shared_ptr<Regex> pattern_of(const json& j, const fs::path& file, const std::string& where) {
+  const json& pat = j.value("pattern", json());
+  if (pat.is_object() && pat.contains("Regex") && pat["Regex"].is_string())
+    return std::make_shared<Regex>(pat["Regex"].get<std::string>(), false, file.string());
+  if (pat.is_object() && pat.contains("String") && pat["String"].is_string()) {
+    if (pat["String"].get_ref<const std::string&>().empty()) throw Error(file.string() + ": " + where + " with an empty pattern");
+    return std::make_shared<Regex>(pat["String"].get<std::string>(), true, file.string());
+  }
+  throw Error(file.string() + ": " + where + " without a Regex or String pattern");
+}
+
+void parse_normalizer(const json& j, const fs::path& file, std::vector<NormStep>& out) {
   if (j.is_null()) return;
   std::string t = type_of(j, file, "normalizer");
+  auto unicode_form = [&](unicode::NormalForm f) { out.push_back(NormStep{NormStep::Kind::Unicode, f, {}, nullptr}); };
   if (t == "Sequence") {
     for (const auto& n : j.value("normalizers", json::array())) parse_normalizer(n, file, out);
-  } else if (t == "NFC") out.push_back(unicode::NormalForm::NFC);
-  else if (t == "NFD") out.push_back(unicode::NormalForm::NFD);
-  else if (t == "NFKC") out.push_back(unicode::NormalForm::NFKC);
-  else if (t == "NFKD") out.push_back(unicode::NormalForm::NFKD);
+  } else if (t == "NFC") unicode_form(unicode::NormalForm::NFC);
+  else if (t == "NFD") unicode_form(unicode::NormalForm::NFD);
+  else if (t == "NFKC") unicode_form(unicode::NormalForm::NFKC);
+  else if (t == "NFKD") unicode_form(unicode::NormalForm::NFKD);
+  else if (t == "Prepend")
+    out.push_back(NormStep{NormStep::Kind::Prepend, {}, string_field(j, "prepend", file, "Prepend normalizer"), nullptr});
+  else if (t == "Replace")
+    out.push_back(NormStep{NormStep::Kind::Replace, {}, string_field(j, "content", file, "Replace normalizer"),
+                           pattern_of(j, file, "Replace normalizer")});
   else unsupported(file, "normalizer type '" + t + "'");
+}
+
+// Metaspace's replacement and prepend scheme, in the current form ("prepend_scheme") or the one before
+// tokenizers 0.15 ("add_prefix_space": true = always, false = never).
+void parse_metaspace(const json& j, const fs::path& file, const std::string& where, std::string& replacement,
+                     PreStep::Prepend& prepend) {
+  replacement = string_field(j, "replacement", file, where);
+  if (replacement.empty() || unicode::char_len(static_cast<unsigned char>(replacement[0])) != replacement.size())
+    throw Error(file.string() + ": " + where + " replacement '" + replacement + "' is not one character");
+  prepend = PreStep::Prepend::Always;
+  if (j.contains("prepend_scheme") && j["prepend_scheme"].is_string()) {
+    std::string scheme = j["prepend_scheme"].get<std::string>();
+    if (scheme == "always") prepend = PreStep::Prepend::Always;
+    else if (scheme == "first") prepend = PreStep::Prepend::First;
+    else if (scheme == "never") prepend = PreStep::Prepend::Never;
+    else throw Error(file.string() + ": " + where + " prepend_scheme '" + scheme + "' is not always, first or never");
+  } else if (j.contains("add_prefix_space") && j["add_prefix_space"].is_boolean()) {
+    prepend = j["add_prefix_space"].get<bool>() ? PreStep::Prepend::Always : PreStep::Prepend::Never;
+  }
 }
 
 void parse_pre_tokenizer(const json& j, const fs::path& file, std::vector<PreStep>& out) {
@@ -609,14 +833,7 @@ void parse_pre_tokenizer(const json& j, const fs::path& file, std::vector<PreSte
   if (t == "Sequence") {
     for (const auto& p : j.value("pretokenizers", json::array())) parse_pre_tokenizer(p, file, out);
   } else if (t == "Split") {
-    PreStep step{PreStep::Kind::Split, nullptr};
-    const json& pat = j.value("pattern", json());
-    if (pat.is_object() && pat.contains("Regex") && pat["Regex"].is_string())
-      step.regex = std::make_shared<Regex>(pat["Regex"].get<std::string>(), false, file.string());
-    else if (pat.is_object() && pat.contains("String") && pat["String"].is_string())
-      step.regex = std::make_shared<Regex>(pat["String"].get<std::string>(), true, file.string());
-    else
-      throw Error(file.string() + ": Split pre-tokenizer without a Regex or String pattern");
+    PreStep step{PreStep::Kind::Split, pattern_of(j, file, "Split pre-tokenizer")};
     std::string behavior = j.value("behavior", std::string("Isolated"));
     if (behavior == "Isolated") step.behavior = PreStep::Behavior::Isolated;
     else if (behavior == "Removed") step.behavior = PreStep::Behavior::Removed;
@@ -631,6 +848,11 @@ void parse_pre_tokenizer(const json& j, const fs::path& file, std::vector<PreSte
     PreStep step{PreStep::Kind::ByteLevel, nullptr};
     step.add_prefix_space = j.value("add_prefix_space", true);
     if (j.value("use_regex", true)) step.regex = std::make_shared<Regex>(kGpt2Regex, false, file.string());
+    out.push_back(std::move(step));
+  } else if (t == "Metaspace") {
+    PreStep step{PreStep::Kind::Metaspace, nullptr};
+    parse_metaspace(j, file, "Metaspace pre-tokenizer", step.replacement, step.prepend);
+    step.split = j.value("split", true);
     out.push_back(std::move(step));
   } else {
     unsupported(file, "pre_tokenizer type '" + t + "'");
@@ -672,16 +894,42 @@ void parse_post_processor(const json& j, const fs::path& file, std::vector<Templ
   }
 }
 
-BpeTokenizer::Decoder parse_decoder(const json& j, const fs::path& file) {
-  if (j.is_null()) return BpeTokenizer::Decoder::None;
+void parse_decoder(const json& j, const fs::path& file, std::vector<DecodeStep>& out) {
   std::string t = type_of(j, file, "decoder");
-  if (t == "ByteLevel") return BpeTokenizer::Decoder::ByteLevel;
   if (t == "Sequence") {
-    const json& ds = j.value("decoders", json::array());
-    if (ds.size() == 1) return parse_decoder(ds[0], file);
-    unsupported(file, "decoder Sequence of " + std::to_string(ds.size()) + " decoders");
+    for (const auto& d : j.value("decoders", json::array())) parse_decoder(d, file, out);
+  } else if (t == "ByteLevel") {
+    out.push_back(DecodeStep{DecodeStep::Kind::ByteLevel});
+  } else if (t == "Replace") {
+    DecodeStep step{DecodeStep::Kind::Replace, pattern_of(j, file, "Replace decoder")};
+    step.content = string_field(j, "content", file, "Replace decoder");
+    out.push_back(std::move(step));
+  } else if (t == "ByteFallback") {
+    out.push_back(DecodeStep{DecodeStep::Kind::ByteFallback});
+  } else if (t == "Fuse") {
+    out.push_back(DecodeStep{DecodeStep::Kind::Fuse});
+  } else if (t == "Strip") {
+    DecodeStep step{DecodeStep::Kind::Strip};
+    step.content = string_field(j, "content", file, "Strip decoder");
+    if (step.content.empty() || unicode::char_len(static_cast<unsigned char>(step.content[0])) != step.content.size())
+      throw Error(file.string() + ": Strip decoder content '" + step.content + "' is not one character");
+    auto count = [&](const char* key) {
+      if (!j.contains(key) || !j[key].is_number_unsigned())
+        throw Error(file.string() + ": Strip decoder has no non-negative integer \"" + key + "\"");
+      return j[key].get<size_t>();
+    };
+    step.strip_start = count("start");
+    step.strip_stop = count("stop");
+    out.push_back(std::move(step));
+  } else if (t == "Metaspace") {
+    DecodeStep step{DecodeStep::Kind::Metaspace};
+    PreStep::Prepend prepend{};
+    parse_metaspace(j, file, "Metaspace decoder", step.content, prepend);
+    step.metaspace_prepend = prepend != PreStep::Prepend::Never;
+    out.push_back(std::move(step));
+  } else {
+    unsupported(file, "decoder type '" + t + "'");
   }
-  unsupported(file, "decoder type '" + t + "'");
 }
 
 void apply_config(BpeTokenizer& tok, const TokenizerConfig& config, std::optional<std::string> default_bos,
@@ -727,7 +975,7 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const fs::path& file, const To
     if (m.contains(key) && m[key].is_string() && !m[key].get<std::string>().empty())
       unsupported(file, std::string("BPE ") + key + " '" + m[key].get<std::string>() + "'");
 
-  auto tok = std::make_unique<BpeTokenizer>(file.string(), "tokenizer.json (byte-level BPE)");
+  auto tok = std::make_unique<BpeTokenizer>(file.string(), "tokenizer.json (BPE)");
   Vocab vocab;
   vocab.reserve(m["vocab"].size());
   for (const auto& [k, v] : m["vocab"].items()) {
@@ -776,7 +1024,10 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const fs::path& file, const To
   tok->finish_added_tokens();
   parse_pre_tokenizer(j.value("pre_tokenizer", json()), file, tok->pre_steps_);
   parse_post_processor(j.value("post_processor", json()), file, tok->template_);
-  tok->decoder_ = parse_decoder(j.value("decoder", json()), file);
+  if (json d = j.value("decoder", json()); !d.is_null()) {
+    tok->decoder_.emplace();
+    parse_decoder(d, file, *tok->decoder_);
+  }
 
   // Without a tokenizer_config.json, a template that starts with a special token names the BOS.
   std::optional<std::string> default_bos;
@@ -825,7 +1076,7 @@ std::unique_ptr<Tokenizer> load_gpt2_files(const fs::path& vocab_json, const fs:
   PreStep step{PreStep::Kind::ByteLevel, std::make_shared<Regex>(kGpt2Regex, false, merges_txt.string())};
   step.add_prefix_space = false;
   tok->pre_steps_.push_back(std::move(step));
-  tok->decoder_ = BpeTokenizer::Decoder::ByteLevel;
+  tok->decoder_ = std::vector<DecodeStep>{DecodeStep{DecodeStep::Kind::ByteLevel}};
   apply_config(*tok, config, eot, eot);
   return tok;
 }

@@ -3,14 +3,17 @@
 
 Takes a few thousand lines of the real corpora in <shared>/data/raw (code, math, medical, chat, ARC,
 MMLU csv: whole multi-line records and their single lines, plus unicode / whitespace edge cases) and
-runs them through every tokenizer in <shared>/assets/tokenizers (and through tokenizer.json variants of
-the qwen2_bpe fixture that exercise the other supported components):
+runs them through every tokenizer in <shared>/assets/tokenizers, through tokenizer.json variants of
+the qwen2_bpe fixture that exercise the other supported components, and through SentencePiece-style
+tokenizer.json files (Llama-2 / Mistral: Metaspace or Prepend+Replace, byte fallback) that transformers'
+own converter makes from the SentencePiece models. Without <shared> it runs the same checks on the
+repository's copies (tests/data/tokenizers and the bundled data/ records) instead of skipping:
   tokenizer.json             HF `tokenizers` (and, on a subset, transformers' AutoTokenizer)
   tokenizer.model            python `sentencepiece`, with BOS as HF's Llama tokenizers add it
   vocab.json + merges.txt    transformers' GPT-2 tokenizer (no BOS)
 Ids must be identical for every line with and without special tokens, and decode(ids) (specials kept)
 identical too. Prints counts and the first mismatch per tokenizer; exit 1 on any mismatch, 77 (ctest
-skip) when the shared assets or the reference packages are absent.
+skip) when the reference packages are absent.
 
 Run by ctest as: python test_tokenizer_parity.py --binary <sparsecl> --shared <../shared> --repo <root>
 """
@@ -122,19 +125,49 @@ def collect_texts(raw, per_source=60, seed=1234):
                 recs.extend(fh.read().splitlines()[:2])  # raw csv lines, quotes and commas included
         src("mmlu", recs)
 
-    edge = [
-        "", " ", "  ", "\n", "\n\n", "\t", "\r\n", " \n ", "a  b   c    d", "x\n\n\n\ny", "\t\tindented\n\t\t\tmore",
-        "trailing   ", "   leading", "mixed \t \n \r\n whitespace", "    def f():\n        return 1\n",
-        "naïve café déjà vu — “quotes” ‘single’ … ½ ° ± × ÷", "日本語のテキストと中文和한국어", "Ελληνικά Русский עברית العربية",
-        "emoji 👍🏽🎉 👨\u200d👩\u200d👧 🇫🇷", "e\u0301 (decomposed) vs é", "Å vs A\u030a", "ﬁ ligature ① ²",
-        "\u00a0non-breaking\u00a0space", "zero\u200bwidth", "tab\there", "numbers 1 12 123 1234 12345 3.14159 -42 1e-5",
-        "I'm here, don't you know? WE'LL see; they'd've", "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
-        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>", "<s>[INST] hi [/INST]</s>",
-        "<|endoftext|>between<|endoftext|>", "<think>\nhmm\n</think>\n\nanswer", "x" * 300, " " * 50 + "end",
-        "$$\\int_0^1 x^2\\,dx = \\frac{1}{3}$$", "http://example.com/a?b=c&d=e#f", "C:\\path\\to\\file.txt",
-        "{\"json\": [1, 2, {\"k\": null}]}", "a\u3000b", "\u2028line sep\u2029para sep", "\x0bvt\x0cff\x1cfs\x85nel",
-    ]
-    sources["edge"] = edge
+    sources["edge"] = EDGE_CASES
+    sources["fuzz"] = fuzz_texts(rng, 400)
+    return sources
+
+
+EDGE_CASES = [
+    "", " ", "  ", "\n", "\n\n", "\t", "\r\n", " \n ", "a  b   c    d", "x\n\n\n\ny", "\t\tindented\n\t\t\tmore",
+    "trailing   ", "   leading", "mixed \t \n \r\n whitespace", "    def f():\n        return 1\n",
+    "naïve café déjà vu — “quotes” ‘single’ … ½ ° ± × ÷", "日本語のテキストと中文和한국어", "Ελληνικά Русский עברית العربية",
+    "emoji 👍🏽🎉 👨\u200d👩\u200d👧 🇫🇷", "e\u0301 (decomposed) vs é", "Å vs A\u030a", "ﬁ ligature ① ²",
+    "\u00a0non-breaking\u00a0space", "zero\u200bwidth", "tab\there", "numbers 1 12 123 1234 12345 3.14159 -42 1e-5",
+    "I'm here, don't you know? WE'LL see; they'd've", "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>", "<s>[INST] hi [/INST]</s>",
+    "<|endoftext|>between<|endoftext|>", "<think>\nhmm\n</think>\n\nanswer", "x" * 300, " " * 50 + "end",
+    "$$\\int_0^1 x^2\\,dx = \\frac{1}{3}$$", "http://example.com/a?b=c&d=e#f", "C:\\path\\to\\file.txt",
+    "{\"json\": [1, 2, {\"k\": null}]}", "a\u3000b", "\u2028line sep\u2029para sep", "\x0bvt\x0cff\x1cfs\x85nel",
+    "\u2581already\u2581metaspace\u2581\u2581", " <s> spaced special </s> ", "<unk><s></s>", "\u2581 \u2581",
+]
+
+
+def collect_repo_texts(repo, per_file=120, seed=1234):
+    """Without <shared>: every string field of the bundled data/ records (code, math, medical, chat,
+    general), their lines, and the same edge cases and fuzz."""
+    rng = random.Random(seed)
+    sources = {}
+    for path in sorted(glob.glob(os.path.join(repo, "data", "*", "*.jsonl"))):
+        texts = []
+
+        def strings(x):
+            if isinstance(x, str):
+                add_record(texts, x)
+            elif isinstance(x, list):
+                for v in x:
+                    strings(v)
+            elif isinstance(x, dict):
+                for k, v in x.items():
+                    if k not in ("id", "source"):
+                        strings(v)
+        recs = read_jsonl(path)
+        for r in recs[:per_file]:
+            strings(r)
+        sources[os.path.relpath(path, os.path.join(repo, "data"))] = texts
+    sources["edge"] = EDGE_CASES
     sources["fuzz"] = fuzz_texts(rng, 400)
     return sources
 
@@ -261,6 +294,59 @@ def component_variants(repo, out_dir):
     return dirs
 
 
+def sentencepiece_json_variants(model_file, out_dir, prefix):
+    """SentencePiece-style tokenizer.json files made from a SentencePiece BPE model by transformers' own
+    converter (LlamaTokenizerFast from tokenizer.model), in the forms published checkpoints ship:
+      metaspace_first   what the converter writes today: Metaspace (prepend_scheme first, no split)
+      hub_normalizer    the Llama-2 / Mistral hub files: Prepend("▁") + Replace(" " -> "▁")
+                        normalizer, no pre-tokenizer, BOS by TemplateProcessing
+      metaspace_split   Metaspace in its pre-0.15 form (add_prefix_space, split on every "▁") with
+                        the Metaspace decoder
+      unk_no_fallback   no byte fallback: characters outside the vocabulary become a fused <unk>
+    Returns {name: dir}, or {} (with the reason printed) when the converter cannot run here."""
+    import shutil
+    try:
+        import google.protobuf  # noqa: F401  (the converter reads the model proto)
+        from transformers import LlamaTokenizerFast
+    except ImportError as e:
+        print(f"note: SentencePiece-style tokenizer.json variants not checked: {e}")
+        return {}
+    src = os.path.join(out_dir, prefix + "_src")
+    os.makedirs(src, exist_ok=True)
+    shutil.copy(model_file, os.path.join(src, "tokenizer.model"))
+    LlamaTokenizerFast.from_pretrained(src).save_pretrained(os.path.join(out_dir, prefix + "_converted"))
+    base = json.load(open(os.path.join(out_dir, prefix + "_converted", "tokenizer.json"), encoding="utf-8"))
+    if len(base["model"]["vocab"]) < 1000 or not base["model"]["merges"]:
+        raise RuntimeError(f"transformers' converter made an empty tokenizer from {model_file}")
+    bos = next(t for t in base["added_tokens"] if t["content"] == "<s>")
+    metaspace_decoder = {"type": "Metaspace", "replacement": "▁", "add_prefix_space": True}
+    variants = {
+        "metaspace_first": {},
+        "hub_normalizer": {
+            "normalizer": {"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "▁"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+            "pre_tokenizer": None,
+            "post_processor": {"type": "TemplateProcessing",
+                               "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                               "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                               "special_tokens": {"<s>": {"id": "<s>", "ids": [bos["id"]], "tokens": ["<s>"]}}}},
+        "metaspace_split": {"pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "add_prefix_space": True},
+                            "decoder": metaspace_decoder},
+        "unk_no_fallback": {"model": dict(base["model"], byte_fallback=False, unk_token="<unk>", fuse_unk=True)},
+    }
+    dirs = {}
+    for name, change in variants.items():
+        j = dict(base)
+        j.update(change)
+        d = os.path.join(out_dir, f"{prefix}_{name}")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "tokenizer.json"), "w", encoding="utf-8") as f:
+            json.dump(j, f, ensure_ascii=False)
+        dirs[f"{prefix}_{name}"] = d
+    return dirs
+
+
 def first_diff(a, b):
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -279,10 +365,10 @@ def main():
 
     tok_root = os.path.join(args.shared, "assets", "tokenizers")
     raw = os.path.join(args.shared, "data", "raw")
-    if not os.path.isdir(tok_root):
-        skip(f"{tok_root} is absent (real tokenizers not available here)")
-    if not os.path.isdir(raw):
-        skip(f"{raw} is absent (real texts not available here)")
+    with_shared = os.path.isdir(tok_root) and os.path.isdir(raw)
+    if not with_shared:
+        print(f"note: {tok_root} or {raw} is absent: checking the repository's tokenizers on its bundled data")
+        tok_root = os.path.join(args.repo, "tests", "data", "tokenizers")
     try:
         import sentencepiece  # noqa: F401
         import tokenizers  # noqa: F401
@@ -293,7 +379,7 @@ def main():
         print(f"FAIL: binary {args.binary} does not exist")
         return 1
 
-    sources = collect_texts(raw, args.per_source)
+    sources = collect_texts(raw, args.per_source) if with_shared else collect_repo_texts(args.repo)
     texts = []
     for name, ts in sources.items():
         ts = [t for t in ts if isinstance(t, str)]
@@ -303,13 +389,21 @@ def main():
     n_lines = sum(1 for t in texts if "\n" not in t)
     print(f"corpus: {len(texts)} texts ({n_lines} single lines, {len(texts) - n_lines} multi-line records) from "
           + ", ".join(f"{k}={len(v)}" for k, v in sources.items()))
-    if len(texts) < 2000:
-        print(f"FAIL: only {len(texts)} texts collected (need >= 2000)")
+    need = 2000 if with_shared else 1000
+    if len(texts) < need:
+        print(f"FAIL: only {len(texts)} texts collected (need >= {need})")
         return 1
 
     variant_root = tempfile.mkdtemp(prefix="sparsecl_tok_variants_")
-    dirs = {n: os.path.join(tok_root, n) for n in sorted(os.listdir(tok_root)) if os.path.isdir(os.path.join(tok_root, n))}
+    dirs = {n: os.path.join(tok_root, n) for n in sorted(os.listdir(tok_root))
+            if os.path.isdir(os.path.join(tok_root, n)) and n != "chat"}
     dirs.update({f"variant:{n}": d for n, d in component_variants(args.repo, variant_root).items()})
+    sp_models = ({"llama2": os.path.join(tok_root, "llama2", "tokenizer.model"),
+                  "mistral_v1": os.path.join(tok_root, "mistral_v1", "tokenizer.model")} if with_shared else
+                 {"llama2": os.path.join(tok_root, "llama2_sp", "tokenizer.model")})
+    for prefix, model_file in sp_models.items():
+        if os.path.exists(model_file):
+            dirs.update({f"spjson:{n}": d for n, d in sentencepiece_json_variants(model_file, variant_root, prefix).items()})
     if args.only:
         dirs = {n: d for n, d in dirs.items() if n in args.only.split(",")}
     failures = 0

@@ -1,5 +1,5 @@
 // Internal to sparsecl_text: the tokenizer_config.json fields the loaders use and the three format
-// loaders behind Tokenizer::load (byte-level BPE from tokenizer.json or GPT-2 files, SentencePiece).
+// loaders behind Tokenizer::load (BPE from tokenizer.json or GPT-2 files, SentencePiece).
 #pragma once
 
 #include <filesystem>

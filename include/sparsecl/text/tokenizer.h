@@ -1,5 +1,6 @@
 // Tokenizers as Hugging Face checkpoints ship them, reproduced exactly (ids and decoded text):
-//   tokenizer.json            HF `tokenizers` byte-level BPE (Llama-3, Qwen2/2.5/3, SmolLM, GPT-2 style)
+//   tokenizer.json            HF `tokenizers` BPE: byte-level (Llama-3, Qwen2/2.5/3, SmolLM, Tekken) or
+//                             SentencePiece-style with byte fallback (Llama-2, Mistral, TinyLlama)
 //   tokenizer.model           SentencePiece (Llama-2, Mistral v1, TinyLlama) through libsentencepiece
 //   vocab.json + merges.txt   GPT-2 byte-level BPE
 // plus tokenizer_config.json when present (bos/eos/pad tokens, add_bos_token, chat_template).
