@@ -313,8 +313,7 @@ namespace {
 std::vector<int64_t> stop_ids_for(const text::Tokenizer& tokenizer) {
   std::vector<int64_t> ids;
   if (tokenizer.eos_id()) ids.push_back(*tokenizer.eos_id());
-  if (tokenizer.chat_template())
-    if (auto id = tokenizer.token_to_id(tokenizer.chat_template()->end_of_turn())) ids.push_back(*id);
+  if (tokenizer.end_of_turn_id()) ids.push_back(*tokenizer.end_of_turn_id());
   return ids;
 }
 

@@ -32,36 +32,47 @@ std::optional<std::string> token_text(const json& j, const fs::path& file, const
 
 }  // namespace
 
+TokenizerConfig read_tokenizer_config_file(const fs::path& file) {
+  TokenizerConfig c;
+  c.file = file;
+  const json j = read_json_file(file, "tokenizer config");
+  if (!j.is_object()) throw Error(file.string() + ": top level is not an object");
+  c.bos_token = token_text(j, file, "bos_token");
+  c.eos_token = token_text(j, file, "eos_token");
+  c.pad_token = token_text(j, file, "pad_token");
+  c.unk_token = token_text(j, file, "unk_token");
+  for (auto [key, dst] : {std::pair{"add_bos_token", &c.add_bos_token}, std::pair{"add_eos_token", &c.add_eos_token}}) {
+    if (!j.contains(key) || j[key].is_null()) continue;
+    if (!j[key].is_boolean()) throw Error(file.string() + ": \"" + key + "\" is not a boolean");
+    *dst = j[key].get<bool>();
+  }
+  if (j.contains("chat_template") && !j["chat_template"].is_null()) {
+    const json& t = j["chat_template"];
+    if (t.is_string()) {
+      c.chat_template = t.get<std::string>();
+    } else if (t.is_array()) {
+      for (const auto& e : t)
+        if (e.is_object() && e.value("name", std::string()) == "default" && e.contains("template") &&
+            e["template"].is_string())
+          c.chat_template = e["template"].get<std::string>();
+    } else {
+      throw Error(file.string() + ": \"chat_template\" is neither a string nor a list of named templates");
+    }
+    if (c.chat_template) c.chat_template_source = file;
+  }
+  return c;
+}
+
 TokenizerConfig read_tokenizer_config(const fs::path& dir) {
   TokenizerConfig c;
-  fs::path file = dir / "tokenizer_config.json";
-  if (fs::exists(file)) {
-    c.file = file;
-    const json j = read_json_file(file, "tokenizer config");
+  if (fs::path file = dir / "tokenizer_config.json"; fs::exists(file)) c = read_tokenizer_config_file(file);
+  // Older checkpoints keep their special tokens in special_tokens_map.json only.
+  if (fs::path file = dir / "special_tokens_map.json"; fs::exists(file)) {
+    const json j = read_json_file(file, "special tokens map");
     if (!j.is_object()) throw Error(file.string() + ": top level is not an object");
-    c.bos_token = token_text(j, file, "bos_token");
-    c.eos_token = token_text(j, file, "eos_token");
-    c.pad_token = token_text(j, file, "pad_token");
-    c.unk_token = token_text(j, file, "unk_token");
-    for (auto [key, dst] : {std::pair{"add_bos_token", &c.add_bos_token}, std::pair{"add_eos_token", &c.add_eos_token}}) {
-      if (!j.contains(key) || j[key].is_null()) continue;
-      if (!j[key].is_boolean()) throw Error(file.string() + ": \"" + key + "\" is not a boolean");
-      *dst = j[key].get<bool>();
-    }
-    if (j.contains("chat_template") && !j["chat_template"].is_null()) {
-      const json& t = j["chat_template"];
-      if (t.is_string()) {
-        c.chat_template = t.get<std::string>();
-      } else if (t.is_array()) {
-        for (const auto& e : t)
-          if (e.is_object() && e.value("name", std::string()) == "default" && e.contains("template") &&
-              e["template"].is_string())
-            c.chat_template = e["template"].get<std::string>();
-      } else {
-        throw Error(file.string() + ": \"chat_template\" is neither a string nor a list of named templates");
-      }
-      if (c.chat_template) c.chat_template_source = file;
-    }
+    for (auto [key, dst] : {std::pair{"bos_token", &c.bos_token}, std::pair{"eos_token", &c.eos_token},
+                            std::pair{"pad_token", &c.pad_token}, std::pair{"unk_token", &c.unk_token}})
+      if (!*dst) *dst = token_text(j, file, key);
   }
   fs::path jinja = dir / "chat_template.jinja";
   if (fs::exists(jinja)) {
@@ -120,24 +131,24 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const fs::path& path) {
   std::unique_ptr<Tokenizer> tok = load_any(path, dir);
   TokenizerConfig config = read_tokenizer_config(dir);
 
+  // The template sees the special tokens as HF passes them: the configured ones, else the tokenizer's own.
+  auto text_of = [&](const std::optional<std::string>& configured, std::optional<int64_t> id) {
+    if (configured) return configured;
+    return id ? tok->id_to_token(*id) : std::nullopt;
+  };
+  ChatSpecialTokens specials{text_of(config.bos_token, tok->bos_id()), text_of(config.eos_token, tok->eos_id()),
+                             config.unk_token, text_of(config.pad_token, tok->pad_id())};
   std::unique_ptr<ChatTemplate> tmpl;
-  std::string bos_text;
-  if (config.bos_token) bos_text = *config.bos_token;
-  else if (tok->bos_id()) bos_text = tok->id_to_token(*tok->bos_id()).value_or("");
   if (config.chat_template) {
-    std::string why;
-    tmpl = ChatTemplate::from_jinja(*config.chat_template, bos_text, &why);
-    if (!tmpl)
-      sparsecl::log::warn(config.chat_template_source.string(), ": chat template not supported (", why,
-                "); chat prompts are unavailable with this tokenizer");
+    try {
+      tmpl = std::make_unique<ChatTemplate>(*config.chat_template, specials, config.chat_template_source.string());
+    } catch (const Error& e) {
+      sparsecl::log::warn(e.what(), "; chat prompts are unavailable with this tokenizer");
+    }
   } else if (TokenizerLoader::lookup(*tok, "<|im_start|>") && TokenizerLoader::lookup(*tok, "<|im_end|>")) {
-    tmpl = std::make_unique<ChatTemplate>(ChatTemplate::Options{});
+    tmpl = ChatTemplate::chatml();
   } else if (TokenizerLoader::lookup(*tok, "<|start_header_id|>") && TokenizerLoader::lookup(*tok, "<|eot_id|>")) {
-    ChatTemplate::Options o;
-    o.format = ChatFormat::Llama3;
-    o.bos_text = bos_text;
-    o.trim_content = true;
-    tmpl = std::make_unique<ChatTemplate>(o);
+    tmpl = ChatTemplate::llama3(specials.bos.value_or(""));
   }
   TokenizerLoader::set_chat_template(*tok, std::move(tmpl));
   return tok;

@@ -6,8 +6,12 @@ as the model code does) match HF's.
 Templates: tests/data/tokenizers/chat/*.json (Llama-3 as in ../shared/assets, its Instruct form, the
 Llama-3.1 template and its Llama-3.2 date variant (today's date via strftime_now), Qwen3 as
 in ../shared/assets, SmolLM2's published template with its injected default system prompt, a Qwen2.5-
-style template), rendered by HF with the small fixture tokenizers of tests/data/tokenizers; plus, when
-<shared>/assets/tokenizers exists, the real llama3 and qwen3 tokenizers with their own templates.
+style template, Mistral-Instruct [INST] with and without a folded system message, Llama-2-chat, Zephyr
+(TinyLlama-Chat), Phi-3 style), rendered by HF with the small fixture tokenizers of tests/data/tokenizers
+(the SentencePiece-vocabulary templates with the Llama-2 fixture as transformers converts it to
+tokenizer.json); plus, when <shared>/assets/tokenizers exists, the real llama3 and qwen3 tokenizers with
+their own templates. A conversation a template rejects (raise_exception: roles that do not alternate, a
+role it does not render) must make sparsecl fail too, with the template's message.
 
 --write-expected regenerates tests/data/tokenizers/chat/expected.json (what the C++ unit tests compare
 against) from HF. Exit 1 on any mismatch, 77 when transformers is not installed.
@@ -15,6 +19,7 @@ against) from HF. Exit 1 on any mismatch, 77 when transformers is not installed.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,9 +46,9 @@ CONVERSATIONS = [
 ]
 
 FIXTURE_TOKENIZER = {"llama3": "llama3_bpe", "llama3_instruct": "llama3_bpe", "llama31": "llama3_bpe",
-                     "llama32": "llama3_bpe", "qwen3": "qwen2_bpe", "smollm2": "qwen2_bpe", "qwen25": "qwen2_bpe"}
-# Roles sparsecl refuses for a template (raises sparsecl::Error) instead of reproducing HF.
-UNSUPPORTED_ROLES = {"llama31": {"tool"}, "llama32": {"tool"}}
+                     "llama32": "llama3_bpe", "qwen3": "qwen2_bpe", "smollm2": "qwen2_bpe", "qwen25": "qwen2_bpe",
+                     "mistral_instruct": "llama2_json", "mistral_system": "llama2_json", "llama2_chat": "llama2_json",
+                     "zephyr": "llama2_json", "phi3": "llama2_json"}
 # Renders that depend on today's date are compared live but not written to expected.json.
 DATE_DEPENDENT = {"llama32"}
 
@@ -65,17 +70,36 @@ def run_binary(binary, tok_dir, template_file, requests):
     return [json.loads(l) for l in r.stdout.decode("utf-8").split("\n") if l]
 
 
+def expect_rejected(label, binary, tok_dir, template_file, request, message, failures):
+    """sparsecl must refuse a conversation HF's template rejects, naming the template's message."""
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as f:
+        f.write(json.dumps(request, ensure_ascii=False) + "\n")
+        path = f.name
+    cmd = [binary, "tokenize", "--tokenizer", tok_dir, "--input", path] + (["--chat-template", template_file] if template_file else [])
+    try:
+        r = subprocess.run(cmd, capture_output=True, timeout=600)
+    finally:
+        os.unlink(path)
+    err = r.stderr.decode(errors="replace")
+    if r.returncode == 0 or message not in err:
+        failures[0] += 1
+        print(f"  MISMATCH {label}: HF rejects {request['messages']} ({message!r}); sparsecl rc={r.returncode}, "
+              f"stderr {err[-300:]!r}")
+        return False
+    return True
+
+
 def compare(label, hf_tok, template, binary, tok_dir, template_file, failures, expected_out=None):
-    requests, refs = [], []
+    requests, refs, rejected = [], [], 0
     for conv in CONVERSATIONS:
-        if any(m["role"] in UNSUPPORTED_ROLES.get(label, ()) for m in conv):
-            continue
         for gen in (True, False):
             kwargs = {"chat_template": template} if template else {}
             try:
                 text = hf_tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen, **kwargs)
-            except Exception as e:  # a template that rejects the conversation: we do not compare it
-                print(f"  ({label}: HF rejects conversation {conv[0]['content'][:20]!r}...: {e})")
+            except Exception as e:  # the template rejects the conversation: so must sparsecl
+                if gen:  # (the same either way)
+                    rejected += expect_rejected(label, binary, tok_dir, template_file,
+                                                {"messages": conv, "add_generation_prompt": gen}, str(e), failures)
                 continue
             requests.append({"messages": conv, "add_generation_prompt": gen})
             refs.append((text, hf_tok.encode(text, add_special_tokens=False)))
@@ -90,8 +114,28 @@ def compare(label, hf_tok, template, binary, tok_dir, template_file, failures, e
         if expected_out is not None:
             expected_out.append({"template": label, "messages": req["messages"],
                                  "add_generation_prompt": req["add_generation_prompt"], "text": text})
-    print(f"{'OK' if bad == 0 else 'MISMATCH'} {label}: {len(requests) - bad}/{len(requests)} renders identical (text and ids)")
+    print(f"{'OK' if bad == 0 else 'MISMATCH'} {label}: {len(requests) - bad}/{len(requests)} renders identical (text and ids)"
+          + (f", {rejected} rejected conversations rejected alike" if rejected else ""))
     failures[0] += bad
+
+
+def llama2_tokenizer_json(data, work):
+    """The Llama-2 fixture tokenizer.model as transformers converts it to tokenizer.json (the vocabulary
+    of the [INST] / Zephyr templates), or None when the converter cannot run (no protobuf)."""
+    try:
+        import google.protobuf  # noqa: F401
+        from transformers import LlamaTokenizerFast
+    except ImportError as e:
+        print(f"note: no Llama-2 tokenizer.json ({e})")
+        return None
+    src, out = os.path.join(work, "llama2_src"), os.path.join(work, "llama2_json")
+    os.makedirs(src)
+    shutil.copy(os.path.join(data, "llama2_sp", "tokenizer.model"), src)
+    LlamaTokenizerFast.from_pretrained(src).save_pretrained(out)
+    for f in os.listdir(out):
+        if f != "tokenizer.json":
+            os.unlink(os.path.join(out, f))
+    return out
 
 
 def main():
@@ -114,10 +158,19 @@ def main():
     chat_dir = os.path.join(data, "chat")
     failures = [0]
     expected = []
+    work = tempfile.mkdtemp(prefix="sparsecl_chat_")
+    tok_dirs = {n: os.path.join(data, n) for n in set(FIXTURE_TOKENIZER.values())}
+    tok_dirs["llama2_json"] = llama2_tokenizer_json(data, work)
     for name in sorted(FIXTURE_TOKENIZER):
         file = os.path.join(chat_dir, name + ".json")
         cfg = json.load(open(file, encoding="utf-8"))
-        tok_dir = os.path.join(data, FIXTURE_TOKENIZER[name])
+        tok_dir = tok_dirs[FIXTURE_TOKENIZER[name]]
+        if tok_dir is None:
+            if args.write_expected:
+                print("FAIL: --write-expected needs every template (protobuf for the Llama-2 tokenizer.json)")
+                return 1
+            print(f"({name}: skipped, no Llama-2 tokenizer.json here)")
+            continue
         hf = PreTrainedTokenizerFast(tokenizer_file=os.path.join(tok_dir, "tokenizer.json"),
                                      bos_token=cfg.get("bos_token"), eos_token=cfg.get("eos_token"))
         compare(name, hf, cfg["chat_template"], args.binary, tok_dir, file, failures,
@@ -137,6 +190,7 @@ def main():
             compare(f"real {name}", AutoTokenizer.from_pretrained(d), None, args.binary, d, None, failures)
         else:
             print(f"(real {name} tokenizer absent: {d})")
+    shutil.rmtree(work, ignore_errors=True)
     if failures[0]:
         print(f"FAIL: {failures[0]} mismatches")
         return 1

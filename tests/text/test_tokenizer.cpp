@@ -240,8 +240,10 @@ TEST(Tokenizer, ReadsTokenizerConfig) {
   EXPECT_EQ(tok->bos_id(), 1);  // "<|im_start|>"
   EXPECT_EQ(tok->eos_id(), 2);  // "<|im_end|>"
   ASSERT_NE(tok->chat_template(), nullptr);
-  EXPECT_EQ(tok->chat_template()->default_system_prompt(),
-            "You are a helpful AI assistant named SmolLM, trained by Hugging Face");
+  // SmolLM2's template injects its default system prompt.
+  EXPECT_EQ(tok->chat_template()->render({{"user", "Hi"}}, false),
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+            "<|im_start|>user\nHi<|im_end|>\n");
   // add_bos_token: true adds BOS even though the post-processor does not.
   json cfg = read_json(tmp.path() / "tokenizer_config.json");
   cfg["add_bos_token"] = true;

@@ -6,8 +6,10 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "sparsecl/common/error.h"
+#include "sparsecl/text/chat_template.h"
 #include "sparsecl/text/tokenizer.h"
 
 namespace sparsecl::text {
@@ -21,8 +23,10 @@ struct TokenizerConfig {
   std::filesystem::path chat_template_source;  // file the template came from (config or chat_template.jinja)
 };
 
-// Reads `dir`/tokenizer_config.json and `dir`/chat_template.jinja when present; throws sparsecl::Error
-// naming the file when it exists but is malformed.
+// Reads one tokenizer_config.json; throws sparsecl::Error naming the file when it is malformed.
+TokenizerConfig read_tokenizer_config_file(const std::filesystem::path& file);
+// Reads `dir`/tokenizer_config.json, the special tokens of `dir`/special_tokens_map.json that it does not
+// name, and `dir`/chat_template.jinja, each when present; throws sparsecl::Error naming a malformed file.
 TokenizerConfig read_tokenizer_config(const std::filesystem::path& dir);
 
 // Thrown by the tokenizer.json loader for a component type it does not implement (lets load() fall back
@@ -47,6 +51,10 @@ struct TokenizerLoader {
   }
   static void set_chat_template(Tokenizer& t, std::unique_ptr<ChatTemplate> tmpl) {
     t.chat_template_ = std::move(tmpl);
+    t.end_of_turn_id_.reset();
+    if (!t.chat_template_ || t.chat_template_->turn_suffix().empty()) return;
+    const std::vector<int64_t> ids = t.encode(t.chat_template_->turn_suffix(), /*add_special_tokens=*/false);
+    if (!ids.empty() && t.is_special(ids.front())) t.end_of_turn_id_ = ids.front();
   }
   static std::optional<int64_t> lookup(const Tokenizer& t, std::string_view token) { return t.find_token(token); }
 };

@@ -1,12 +1,11 @@
-// Chat prompt rendering without a Jinja engine. The checkpoints we run use two families of templates:
-//   Llama-3  "<|begin_of_text|><|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>..."
-//            (and Llama-3.1/3.2, which always open with a system turn carrying the knowledge/today dates)
-//   ChatML   "<|im_start|>role\ncontent<|im_end|>\n..." (Qwen2/2.5/3, SmolLM/SmolLM2)
-// The variant details (default system prompt injected by SmolLM2 / Qwen2.5, Qwen3's <think> block on the
-// final assistant turn, Qwen's tool-response wrapping, Llama-3's trimming and BOS, whether the generation
-// prompt is conditional) are read from the template text in tokenizer_config.json. render() produces
-// exactly the string HF `apply_chat_template(..., tokenize=False)` produces for those templates; the
-// result is meant to be encoded with add_special_tokens=false.
+// Chat prompts rendered from a checkpoint's own Jinja chat template, exactly as HF
+// `apply_chat_template(..., tokenize=False)` renders them: the template is parsed and run by minja
+// (src/text/minja, a C++ Jinja2 engine written for chat templates) with HF's environment — trim_blocks,
+// lstrip_blocks, `messages`, `add_generation_prompt`, the special tokens (`bos_token`, `eos_token`,
+// `unk_token`, `pad_token`), `raise_exception` and `strftime_now`. Any template works (Llama-2/3/3.1/3.2,
+// Mistral [INST], ChatML for Qwen/SmolLM, Zephyr, Phi-3, ...), with no per-family code. The rendered
+// string is meant to be encoded with add_special_tokens=false. Tokenizers without a template but with the
+// ChatML or Llama-3 turn tokens get that family's standard template (ChatTemplate::chatml / ::llama3).
 #pragma once
 
 #include <filesystem>
@@ -16,57 +15,56 @@
 #include <string_view>
 #include <vector>
 
+namespace minja {
+class TemplateNode;
+}
+
 namespace sparsecl::text {
 
 struct ChatMessage {
-  std::string role;     // "system", "user", "assistant" (ChatML Qwen templates: also "tool")
+  std::string role;     // "system", "user", "assistant", "tool", ... (whatever the template renders)
   std::string content;
 };
 
-enum class ChatFormat { Llama3, ChatML };
+// The special-token strings a template sees (HF passes the tokenizer's special_tokens_map).
+struct ChatSpecialTokens {
+  std::optional<std::string> bos, eos, unk, pad;
+};
 
 class ChatTemplate {
  public:
-  struct Options {
-    ChatFormat format = ChatFormat::ChatML;
-    std::string bos_text;                       // Llama-3: prepended to the first message ("<|begin_of_text|>")
-    std::optional<std::string> default_system;  // injected when the first message is not a system message
-    bool trim_content = false;                  // Llama-3: content | trim
-    bool generation_prompt_always = false;      // the original Llama-3 template ignores add_generation_prompt
-    bool qwen_tools = false;                    // "tool" messages wrapped in <tool_response> user turns
-    bool qwen3_thinking = false;                // Qwen3: <think> handling of assistant turns after the last query
-    // Llama-3.1/3.2: a system turn always comes first, "Cutting Knowledge Date: ...\nToday Date: <date>\n\n"
-    // followed by the (trimmed) system message; empty `knowledge_line` means the plain Llama-3 form.
-    std::string knowledge_line;                 // e.g. "Cutting Knowledge Date: December 2023\n"
-    std::string date_string;                    // fixed date ("26 Jul 2024") ...
-    bool date_from_clock = false;               // ... or today's, strftime("%d %b %Y") (Llama-3.2's strftime_now)
-  };
+  // Parses `source`; throws sparsecl::Error naming `where` and the parse error.
+  ChatTemplate(std::string source, ChatSpecialTokens tokens, std::string where);
+  ~ChatTemplate();
+  ChatTemplate(const ChatTemplate&) = delete;
+  ChatTemplate& operator=(const ChatTemplate&) = delete;
 
-  explicit ChatTemplate(Options options);
-
-  // Recognises a Jinja chat template by its markers. Returns nullptr when the template is neither a
-  // Llama-3 nor a ChatML template (or uses features we do not reproduce); `why` then says why.
-  static std::unique_ptr<ChatTemplate> from_jinja(std::string_view jinja, std::string_view bos_token,
-                                                  std::string* why = nullptr);
-  // Reads `chat_template` (string, or list of {name, template}: the "default" one), `bos_token` from a
-  // tokenizer_config.json (or a chat_template.jinja file). Throws sparsecl::Error naming the file when it
-  // has no chat template or an unsupported one.
+  // The template of a tokenizer_config.json ("chat_template": a string, or a list of {name, template}:
+  // the "default" one, with its special tokens) or of a chat_template.jinja file. Throws sparsecl::Error
+  // naming the file when it has no template or the template does not parse.
   static std::unique_ptr<ChatTemplate> from_file(const std::filesystem::path& path);
+  // The standard templates of the two families whose turn tokens we recognise in a vocabulary.
+  static std::unique_ptr<ChatTemplate> chatml();                     // <|im_start|>role\n...<|im_end|>\n
+  static std::unique_ptr<ChatTemplate> llama3(std::string bos_text);  // Meta-Llama-3-Instruct's template
 
   // The prompt string for `messages`; add_generation_prompt appends the assistant header. Throws
-  // sparsecl::Error for an empty conversation or a role the template does not render.
+  // sparsecl::Error for an empty conversation or when the template raises (an unsupported role, roles
+  // that do not alternate, ...), with the template's message.
   std::string render(const std::vector<ChatMessage>& messages, bool add_generation_prompt) const;
 
-  ChatFormat format() const { return opt_.format; }
-  const Options& options() const { return opt_; }
-  const std::optional<std::string>& default_system_prompt() const { return opt_.default_system; }
-  // Token text that ends every turn ("<|eot_id|>" / "<|im_end|>"): a stop token for generation.
-  std::string end_of_turn() const;
-  // Text of the assistant header that render(..., true) appends (what generation continues from).
-  std::string generation_prompt() const;
+  // Text the template emits right after an assistant message's content, leading whitespace removed
+  // ("<|im_end|>\n", "<|eot_id|>", "</s> ", "<|end|>\n"): its first token ends a turn, a stop token for
+  // generation (Tokenizer::end_of_turn_id). Empty when the template emits nothing there or cannot render
+  // a user/assistant exchange.
+  const std::string& turn_suffix() const { return turn_suffix_; }
+  const std::string& source() const { return source_; }
+  const std::string& where() const { return where_; }
 
  private:
-  Options opt_;
+  std::string source_, where_;
+  ChatSpecialTokens tokens_;
+  std::shared_ptr<minja::TemplateNode> root_;
+  std::string turn_suffix_;
 };
 
 }  // namespace sparsecl::text

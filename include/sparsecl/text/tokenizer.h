@@ -51,6 +51,9 @@ class Tokenizer {
   virtual bool is_special(int64_t id) const = 0;
   // nullptr when the tokenizer has no chat template we support (see chat_template.h).
   const ChatTemplate* chat_template() const { return chat_template_.get(); }
+  // The special token that ends an assistant turn in the chat template ("<|im_end|>", "<|eot_id|>",
+  // "</s>"): the first token of its turn suffix when that token is special; nullopt otherwise.
+  std::optional<int64_t> end_of_turn_id() const { return end_of_turn_id_; }
   // Short description of the format, e.g. "tokenizer.json (BPE)", for logs.
   virtual std::string kind() const = 0;
 
@@ -58,7 +61,7 @@ class Tokenizer {
   Tokenizer();
   virtual std::optional<int64_t> find_token(std::string_view token) const = 0;
 
-  std::optional<int64_t> bos_id_, eos_id_, pad_id_;
+  std::optional<int64_t> bos_id_, eos_id_, pad_id_, end_of_turn_id_;
   std::unique_ptr<ChatTemplate> chat_template_;
   friend struct TokenizerLoader;
 };
