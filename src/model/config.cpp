@@ -1,6 +1,7 @@
 // Parsing and validation of HF config.json for the supported decoder families.
 #include "sparsecl/model/config.h"
 
+#include <algorithm>
 #include <fstream>
 
 #include "sparsecl/common/error.h"
@@ -61,6 +62,47 @@ RopeConfig parse_rope(const json& j, const std::string& source) {
   throw Error(source + ": unsupported rope type '" + type + "' (supported: default, linear, llama3)");
 }
 
+// Which layers attend within a sliding window, as transformers 5 decides it: Mistral applies its
+// sliding_window to every layer (MistralModel ignores layer_types); Qwen2 / Qwen3 only with
+// use_sliding_window, on the layers layer_types names "sliding_attention" or, without layer_types, on
+// layers >= max_window_layers (default 28). Llama has no sliding window.
+void parse_sliding_window(const json& j, const std::string& source, ModelConfig& c) {
+  const size_t L = static_cast<size_t>(c.num_hidden_layers);
+  if (c.model_type == "mistral") {
+    if (j.contains("sliding_window") && !j["sliding_window"].is_null()) {
+      c.sliding_window = required<int64_t>(j, "sliding_window", source);
+      c.sliding_layers.assign(L, true);
+    }
+  } else if (c.model_type == "qwen2" || c.model_type == "qwen3") {
+    if (optional_or<bool>(j, "use_sliding_window", false, source)) {
+      c.sliding_window = optional_or<int64_t>(j, "sliding_window", 4096, source);
+      const int64_t first = optional_or<int64_t>(j, "max_window_layers", 28, source);
+      c.sliding_layers.assign(L, false);
+      for (size_t l = 0; l < L; ++l) c.sliding_layers[l] = static_cast<int64_t>(l) >= first;
+    }
+    if (j.contains("layer_types") && !j["layer_types"].is_null()) {
+      const json& types = j["layer_types"];
+      if (!types.is_array() || types.size() != L)
+        throw Error(source + ": \"layer_types\" must be a list of num_hidden_layers (" + std::to_string(L) + ") strings");
+      std::vector<bool> sliding(L, false);
+      for (size_t l = 0; l < L; ++l) {
+        const std::string t = types[l].is_string() ? types[l].get<std::string>() : types[l].dump();
+        if (t == "sliding_attention") sliding[l] = true;
+        else if (t != "full_attention")
+          throw Error(source + ": layer_types[" + std::to_string(l) + "] is '" + t +
+                      "' (supported: full_attention, sliding_attention)");
+      }
+      const bool any = std::find(sliding.begin(), sliding.end(), true) != sliding.end();
+      if (any && !c.sliding_window)
+        throw Error(source + ": layer_types names sliding_attention layers but use_sliding_window is off "
+                             "(transformers would find no sliding_window for them)");
+      if (c.sliding_window) c.sliding_layers = std::move(sliding);
+    }
+  }
+  if (c.sliding_window && *c.sliding_window < 1)
+    throw Error(source + ": sliding_window must be >= 1, got " + std::to_string(*c.sliding_window));
+}
+
 }  // namespace
 
 ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
@@ -95,15 +137,8 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
   } else {
     c.qkv_bias = c.o_bias = optional_or<bool>(j, "attention_bias", false, source);
   }
-  // Qwen2 / Qwen3 use their sliding_window only when use_sliding_window is set (and then on some layers:
-  // the bound below applies it to all, which only ever refuses more inputs than needed).
-  if ((c.model_type == "qwen2" || c.model_type == "qwen3") && optional_or<bool>(j, "use_sliding_window", false, source))
-    c.sliding_window = optional_or<int64_t>(j, "sliding_window", 4096, source);
   c.qk_norm = (c.model_type == "qwen3");
-  if (c.model_type == "mistral") {
-    if (j.contains("sliding_window") && !j["sliding_window"].is_null())
-      c.sliding_window = required<int64_t>(j, "sliding_window", source);
-  }
+  parse_sliding_window(j, source, c);
   if (j.contains("bos_token_id") && j["bos_token_id"].is_number_integer()) c.bos_token_id = j["bos_token_id"].get<int64_t>();
   if (j.contains("pad_token_id") && j["pad_token_id"].is_number_integer()) c.pad_token_id = j["pad_token_id"].get<int64_t>();
   if (j.contains("eos_token_id")) {
@@ -151,6 +186,7 @@ json ModelConfig::to_json() const {
             {"mlp_bias", mlp_bias},
             {"qk_norm", qk_norm},
             {"sliding_window", sliding_window ? json(*sliding_window) : json(nullptr)},
+            {"sliding_layers", sliding_layers},
             {"eos_token_ids", eos_token_ids},
             {"torch_dtype", torch_dtype}};
   return j;

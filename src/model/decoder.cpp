@@ -593,8 +593,9 @@ at::Tensor Decoder::layer_forward(int64_t l, const at::Tensor& x_in, const Layer
     k = ctx.cache->k_[l].narrow(2, 0, S);
     v = ctx.cache->v_[l].narrow(2, 0, S);
   }
-  at::Tensor attn =
-      at::scaled_dot_product_attention(q, k, v, ctx.mask, 0.0, ctx.is_causal, scale, /*enable_gqa=*/nkv != nh);
+  const bool windowed = ctx.window_mask && c.is_sliding_layer(l);
+  at::Tensor attn = at::scaled_dot_product_attention(q, k, v, windowed ? ctx.window_mask : ctx.mask, 0.0,
+                                                     !windowed && ctx.is_causal, scale, /*enable_gqa=*/nkv != nh);
   attn = attn.transpose(1, 2).reshape({B, T, nh * D});
   if (hook) (*hook)(HookPoint::AttnOutput, l, attn);
   x = residual + linear(attn, L.o_proj, ctx.training);
@@ -631,9 +632,6 @@ ForwardOutput Decoder::forward(const ForwardInput& in, const ForwardOptions& opt
   const int64_t S = static_step ? opt.cache->capacity_ : past + T;  // keys visible to this call
   if (opt.cache && S > opt.cache->capacity_)
     throw Error("KV cache capacity " + std::to_string(opt.cache->capacity_) + " exceeded (" + std::to_string(S) + ")");
-  if (c.sliding_window && S > *c.sliding_window)
-    throw Error("sequence length " + std::to_string(S) + " exceeds the model's sliding_window (" +
-                std::to_string(*c.sliding_window) + "), which sparsecl does not implement");
   // Ids coming from the host are range-checked there (a clear error instead of an out-of-bounds
   // gather); ids already on an accelerator (generation feeding back its own argmax) are in range by
   // construction, and checking them would cost a device sync per decoding step.
@@ -704,6 +702,20 @@ ForwardOutput Decoder::forward(const ForwardInput& in, const ForwardOptions& opt
     }
     ctx.mask = m;
   }
+  // Sliding layers (ModelConfig::sliding_window) additionally hide the key slots j <= i - W from the query
+  // at slot i (HF's sliding_window_overlay, on slot indices, padding included); nothing to hide while
+  // S <= W. A static step's query slot is its write index.
+  if (c.sliding_window && S > *c.sliding_window) {
+    const int64_t W = *c.sliding_window;
+    auto lopts = at::TensorOptions().dtype(at::kLong).device(input_device);
+    at::Tensor k_pos = at::arange(0, S, lopts).view({1, S});
+    at::Tensor q_pos = static_step ? static_step->write_index.view({1, 1}) : at::arange(past, S, lopts).view({T, 1});
+    at::Tensor w = ctx.mask ? *ctx.mask : (k_pos <= q_pos).view({1, 1, T, S});
+    w = w.logical_and((k_pos > q_pos - W).view({1, 1, T, S}));
+    // A padding query whose window holds only padding would give NaN: let it see itself.
+    at::Tensor empty = w.any(-1, /*keepdim=*/true).logical_not();
+    ctx.window_mask = w.logical_or(empty.logical_and((k_pos == q_pos).view({1, 1, T, S})));
+  }
 
   ForwardOutput out;
   if (opt.mlp_act) ctx.mlp_act = &out.mlp_act;
@@ -743,6 +755,7 @@ Decoder::LayerContext Decoder::context_on(const LayerContext& ctx, at::Device de
   moved.cos = ctx.cos.to(device);  // [B, 1, T, D]
   moved.sin = ctx.sin.to(device);
   if (ctx.mask) moved.mask = ctx.mask->to(device);  // [B or 1, 1, T, S]
+  if (ctx.window_mask) moved.window_mask = ctx.window_mask->to(device);
   if (ctx.write_index.defined()) moved.write_index = ctx.write_index.to(device);  // [1]
   return moved;
 }

@@ -166,36 +166,54 @@ TEST(Safetensors, MalformedHeaderIsAnError) {
 
 namespace {
 
-// A Qwen2 / Qwen3 config that turns its sliding window on bounds the input length (sparsecl implements
-// full attention only, so it refuses longer inputs rather than attend beyond the window); off, no bound.
-TEST(BadInput, QwenSlidingWindowBoundsTheInputLength) {
+// Which layers attend within a sliding window, as transformers 5 decides it (the attention itself is
+// checked against HF in tests/python/test_hf_config_variants.py); a malformed layer_types is refused.
+TEST(BadInput, SlidingWindowLayers) {
   for (const std::string name : {"qwen2", "qwen3"}) {
     nlohmann::json j;
     {
       std::ifstream in(kModels / name / "config.json");
       j = nlohmann::json::parse(in);
     }
+    const int64_t L = j["num_hidden_layers"].get<int64_t>();
+    ASSERT_GE(L, 2) << name;
     j["sliding_window"] = 4;
     j["use_sliding_window"] = false;
-    EXPECT_FALSE(model::ModelConfig::from_json(j, name).sliding_window.has_value()) << name;
+    auto off = model::ModelConfig::from_json(j, name);
+    EXPECT_FALSE(off.sliding_window.has_value()) << name;
+    EXPECT_FALSE(off.is_sliding_layer(0)) << name;
     j["use_sliding_window"] = true;
-    const auto c = model::ModelConfig::from_json(j, name);
-    ASSERT_TRUE(c.sliding_window.has_value()) << name;
-    EXPECT_EQ(*c.sliding_window, 4) << name;
-    const fs::path dir = copy_model(name, "window");
-    std::ofstream(dir / "config.json") << j.dump();
-    const auto dec = model::Decoder::load(dir, at::kFloat, at::kCPU);
-    model::ForwardInput in;
-    in.input_ids = at::ones({1, 4}, at::kLong);
-    EXPECT_NO_THROW(dec.forward(in)) << name;
-    in.input_ids = at::ones({1, 5}, at::kLong);
-    try {
-      dec.forward(in);
-      FAIL() << name << ": 5 tokens past a window of 4 should be refused";
-    } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find("sliding_window"), std::string::npos) << e.what();
-    }
+    j["max_window_layers"] = 1;  // layers 1.. slide
+    auto on = model::ModelConfig::from_json(j, name);
+    ASSERT_TRUE(on.sliding_window.has_value()) << name;
+    EXPECT_EQ(*on.sliding_window, 4) << name;
+    EXPECT_FALSE(on.is_sliding_layer(0)) << name;
+    EXPECT_TRUE(on.is_sliding_layer(1)) << name;
+    // An explicit layer_types wins over max_window_layers.
+    j["layer_types"] = nlohmann::json::array();
+    for (int64_t l = 0; l < L; ++l) j["layer_types"].push_back(l == 0 ? "sliding_attention" : "full_attention");
+    auto typed = model::ModelConfig::from_json(j, name);
+    EXPECT_TRUE(typed.is_sliding_layer(0)) << name;
+    EXPECT_FALSE(typed.is_sliding_layer(1)) << name;
+    j["layer_types"][1] = "chunked_attention";
+    EXPECT_THROW(model::ModelConfig::from_json(j, name), Error) << name;
+    j["layer_types"] = nlohmann::json::array({"full_attention"});
+    if (L != 1) EXPECT_THROW(model::ModelConfig::from_json(j, name), Error) << name;
+    j["layer_types"] = nlohmann::json::array();
+    for (int64_t l = 0; l < L; ++l) j["layer_types"].push_back("sliding_attention");
+    j["use_sliding_window"] = false;  // sliding layers without a window: HF fails too
+    EXPECT_THROW(model::ModelConfig::from_json(j, name), Error) << name;
   }
+  nlohmann::json m;
+  {
+    std::ifstream in(kModels / "mistral" / "config.json");
+    m = nlohmann::json::parse(in);
+  }
+  m["sliding_window"] = 8;
+  auto mistral = model::ModelConfig::from_json(m, "mistral");
+  for (int64_t l = 0; l < mistral.num_hidden_layers; ++l) EXPECT_TRUE(mistral.is_sliding_layer(l));
+  m["sliding_window"] = 0;
+  EXPECT_THROW(model::ModelConfig::from_json(m, "mistral"), Error);
 }
 
 }  // namespace

@@ -4,7 +4,9 @@
 checkpoints use — GQA, an explicit head_dim, llama3 and linear RoPE scaling, attention / MLP biases,
 tied embeddings, a Mistral sliding window shorter than the sequence, Qwen2's per-layer sliding window,
 Qwen3's q/k norms, gelu activations. `sparsecl forward` on each must give HF's fp32 logits (max abs
-difference <= 2e-4) on a batch with a left-padded row, and `sparsecl info` must count HF's parameters.
+difference <= 2e-4) on a batch with a left-padded row, `sparsecl info` must count HF's parameters, and
+`sparsecl generate` must give HF generate's greedy tokens (prompt + new tokens longer than the sliding
+windows) with both the dynamic and the fixed-shape decoding step.
 
 Run by ctest as: python test_hf_config_variants.py --binary <sparsecl> --shared <unused> --repo <root>;
 exit 77 when torch / transformers / safetensors are not installed.
@@ -103,9 +105,25 @@ def main():
             keep = mask.bool()
             diff = (got[keep] - ref[keep]).abs().max().item()
             n_params = sum(p.numel() for p in model.parameters())
-            ok = diff <= TOL and info.get("parameters") == n_params
+            # Greedy decoding: 6 prompt tokens + 20 new ones, past every window above.
+            prompt = ids[0, :6]
+            with torch.no_grad():
+                hf_new = model.generate(prompt.view(1, -1), attention_mask=torch.ones(1, 6, dtype=torch.long),
+                                        max_new_tokens=20, do_sample=False, eos_token_id=None,
+                                        pad_token_id=0)[0, 6:].tolist()
+            gen_ok = True
+            for mode in ("dynamic", "fixed"):
+                r = subprocess.run([args.binary, "generate", "--model", d, "--ids", ",".join(map(str, prompt.tolist())),
+                                    "--max-new-tokens", "20", "--ignore-eos"], capture_output=True, timeout=600,
+                                   env=dict(os.environ, SPARSECL_DECODE=mode))
+                got_new = json.loads(r.stdout.decode().splitlines()[0]) if r.returncode == 0 else r.stderr.decode()[-300:]
+                if got_new != hf_new:
+                    gen_ok = False
+                    print(f"  {name} generate ({mode}): sparsecl {got_new} vs HF {hf_new}")
+            ok = diff <= TOL and info.get("parameters") == n_params and gen_ok
             print(f"{'OK' if ok else 'FAIL'} {name} ({cls} {json.dumps(over)}): max |logit diff| {diff:.2e}, "
-                  f"parameters {info.get('parameters')} vs HF {n_params}")
+                  f"parameters {info.get('parameters')} vs HF {n_params}, greedy tokens "
+                  f"{'identical' if gen_ok else 'DIFFER'} (dynamic, fixed)")
             if not ok:
                 failures.append(name)
     if failures:

@@ -32,7 +32,15 @@ struct ModelConfig {
   int64_t num_key_value_heads = 0;
   int64_t head_dim = 0;  // qwen3 (and newer llama/mistral configs) set it independently of hidden/heads
   int64_t max_position_embeddings = 0;
-  std::optional<int64_t> sliding_window;  // mistral, qwen2/3 with use_sliding_window: longer inputs are rejected
+  // Sliding-window attention (HF's sliding_window_overlay): on a sliding layer the query at key-slot index
+  // i attends only to slots j with i - W < j <= i. Mistral: every layer when sliding_window is set;
+  // Qwen2/3 with use_sliding_window: the layers config.json's layer_types names "sliding_attention", else
+  // those from max_window_layers on.
+  std::optional<int64_t> sliding_window;  // W
+  std::vector<bool> sliding_layers;       // [num_hidden_layers], or empty: no sliding layer
+  bool is_sliding_layer(int64_t l) const {
+    return sliding_window && l >= 0 && static_cast<size_t>(l) < sliding_layers.size() && sliding_layers[static_cast<size_t>(l)];
+  }
   double rms_norm_eps = 1e-6;
   std::string hidden_act = "silu";
   RopeConfig rope;

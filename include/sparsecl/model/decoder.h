@@ -284,6 +284,8 @@ class Decoder {
     at::Tensor cos, sin;                     // [B, 1, T, D] RoPE tables in the compute dtype
     std::optional<at::Tensor> mask;          // [B or 1, 1, T, S] boolean (true = may attend), or none
     bool is_causal = false;                  // plain causal attention (no mask)
+    std::optional<at::Tensor> window_mask;   // sliding layers' mask [B or 1, 1, T, S] when the window
+                                             // hides some key (S > W); none: they use `mask` / is_causal
     bool training = false;                   // LoRA dropout on
     KVCache* cache = nullptr;
     at::Tensor write_index;                  // [1] int64: a static decoding step's cache position
