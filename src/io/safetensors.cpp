@@ -209,6 +209,12 @@ Checkpoint Checkpoint::open(const fs::path& dir_or_file) {
     add_file(single);
     return ck;
   }
+  // Older checkpoints ship only PyTorch pickles, which sparsecl does not unpickle (arbitrary code).
+  for (const char* pickle : {"pytorch_model.bin", "pytorch_model.bin.index.json"})
+    if (fs::exists(dir_or_file / pickle))
+      throw Error(dir_or_file.string() + ": has " + pickle + " but no model.safetensors; sparsecl reads safetensors only "
+                  "(convert once: python -c \"import transformers as t; t.AutoModelForCausalLM.from_pretrained('" +
+                  dir_or_file.string() + "').save_pretrained('OUT_DIR')\" and copy the tokenizer files)");
   throw Error(dir_or_file.string() + ": neither model.safetensors nor model.safetensors.index.json found");
 }
 

@@ -93,6 +93,12 @@ TEST(BadCheckpoint, MissingShardIsNamed) {
   expect_load_error(dir, {"model-00004-of-00009.safetensors", "missing"});
 }
 
+TEST(BadCheckpoint, PickleOnlyCheckpointIsNamed) {
+  const fs::path dir = copy_model("mistral", "pickle");
+  fs::rename(dir / "model.safetensors", dir / "pytorch_model.bin");
+  expect_load_error(dir, {"pytorch_model.bin", "safetensors only", "save_pretrained"});
+}
+
 TEST(BadCheckpoint, UnknownModelType) {
   const fs::path dir = copy_model("llama3", "type");
   nlohmann::json j;
