@@ -12,6 +12,7 @@
 #include "sparsecl/common/error.h"
 #include "sparsecl/text/chat_template.h"
 #include "sparsecl/text/tokenizer.h"
+#include "sparsecl/text/unicode.h"
 
 namespace sparsecl::data {
 
@@ -21,7 +22,8 @@ using json = nlohmann::json;
 
 struct Record {
   RecordKind kind = RecordKind::Ids;
-  std::string text, prompt, response;
+  std::string text;
+  std::vector<text::ChatMessage> messages;  // Chat: {"prompt","response"} as a user + an assistant turn
   std::vector<int64_t> ids;
 };
 
@@ -35,11 +37,12 @@ Record parse_record(const std::string& line, const std::string& where) {
     throw Error(where + ": not valid JSON (" + e.what() + ")");
   }
   if (!j.is_object()) throw Error(where + ": a record must be a JSON object, got " + type_name(j));
-  const bool has_ids = j.contains("ids"), has_text = j.contains("text");
+  const bool has_ids = j.contains("ids"), has_text = j.contains("text"), has_messages = j.contains("messages");
   const bool has_prompt = j.contains("prompt"), has_response = j.contains("response");
-  const int forms = int(has_ids) + int(has_text) + int(has_prompt || has_response);
-  if (forms == 0) throw Error(where + ": record has none of \"text\", \"prompt\"+\"response\", \"ids\"");
-  if (forms > 1) throw Error(where + ": record mixes the forms \"text\", \"prompt\"/\"response\" and \"ids\"; use one");
+  const int forms = int(has_ids) + int(has_text) + int(has_prompt || has_response) + int(has_messages);
+  if (forms == 0) throw Error(where + ": record has none of \"text\", \"prompt\"+\"response\", \"messages\", \"ids\"");
+  if (forms > 1)
+    throw Error(where + ": record mixes the forms \"text\", \"prompt\"/\"response\", \"messages\" and \"ids\"; use one");
   Record r;
   if (has_ids) {
     const json& a = j["ids"];
@@ -56,20 +59,132 @@ Record parse_record(const std::string& line, const std::string& where) {
     if (!j["text"].is_string()) throw Error(where + ": \"text\" must be a string, got " + type_name(j["text"]));
     r.text = j["text"].get<std::string>();
     r.kind = RecordKind::Text;
-  } else {
+  } else if (has_prompt || has_response) {
     if (!has_prompt) throw Error(where + ": record has \"response\" but no \"prompt\"");
     if (!has_response) throw Error(where + ": record has \"prompt\" but no \"response\"");
     if (!j["prompt"].is_string()) throw Error(where + ": \"prompt\" must be a string, got " + type_name(j["prompt"]));
     if (!j["response"].is_string())
       throw Error(where + ": \"response\" must be a string, got " + type_name(j["response"]));
-    r.prompt = j["prompt"].get<std::string>();
-    r.response = j["response"].get<std::string>();
+    r.messages = {{"user", j["prompt"].get<std::string>()}, {"assistant", j["response"].get<std::string>()}};
+    r.kind = RecordKind::Chat;
+  } else {  // has_messages
+    const json& m = j["messages"];
+    if (!m.is_array() || m.empty()) throw Error(where + ": \"messages\" must be a non-empty list, got " + m.dump().substr(0, 80));
+    bool any_assistant = false;
+    for (size_t i = 0; i < m.size(); ++i) {
+      const std::string at = where + ": \"messages\"[" + std::to_string(i) + "]";
+      if (!m[i].is_object() || !m[i].contains("role") || !m[i]["role"].is_string() || !m[i].contains("content") ||
+          !m[i]["content"].is_string())
+        throw Error(at + " must be an object with string \"role\" and \"content\"");
+      r.messages.push_back({m[i]["role"].get<std::string>(), m[i]["content"].get<std::string>()});
+      any_assistant = any_assistant || r.messages.back().role == "assistant";
+    }
+    if (!any_assistant) throw Error(where + ": \"messages\" has no assistant message (the loss is on assistant turns)");
     r.kind = RecordKind::Chat;
   }
   return r;
 }
 
 void append(std::vector<int64_t>& dst, const std::vector<int64_t>& src) { dst.insert(dst.end(), src.begin(), src.end()); }
+
+// The loss spans of a rendered conversation `full`: one [begin, end) byte range per assistant message.
+// An assistant turn starts where the conversation up to it, rendered with the generation prompt, ends,
+// and runs to where the conversation up to and including it ends (its end-of-turn token and whatever
+// the template appends); for a {"prompt","response"} record that is everything after the generation
+// prompt. Templates that render earlier turns differently once later ones follow (Qwen3 drops the
+// <think> block of earlier answers) break that prefix property; their assistant turns are found by
+// their content instead (searched after the previous turn) plus the end-of-turn token when it follows.
+std::vector<std::pair<size_t, size_t>> assistant_spans(const text::ChatTemplate& tmpl, const text::Tokenizer& tok,
+                                                       const std::vector<text::ChatMessage>& messages,
+                                                       const std::string& full, const std::string& where) {
+  std::vector<std::pair<size_t, size_t>> spans;
+  const std::optional<std::string> eot = tok.end_of_turn_id() ? tok.id_to_token(*tok.end_of_turn_id()) : std::nullopt;
+  size_t searched_to = 0;
+  for (size_t k = 0; k < messages.size(); ++k) {
+    if (messages[k].role != "assistant") continue;
+    const std::vector<text::ChatMessage> before(messages.begin(), messages.begin() + static_cast<std::ptrdiff_t>(k));
+    const std::vector<text::ChatMessage> upto(messages.begin(), messages.begin() + static_cast<std::ptrdiff_t>(k) + 1);
+    const std::string head = k == 0 ? std::string() : tmpl.render(before, /*add_generation_prompt=*/true);
+    const std::string turn = tmpl.render(upto, /*add_generation_prompt=*/false);
+    if (head.size() <= turn.size() && full.compare(0, head.size(), head) == 0 && full.compare(0, turn.size(), turn) == 0 &&
+        head.size() >= searched_to) {
+      spans.emplace_back(head.size(), turn.size());
+      searched_to = turn.size();
+      continue;
+    }
+    size_t pos = std::string::npos, len = 0;
+    // Candidates: the content, stripped (Llama's `trim`), and the answer after a reasoning block (Qwen3 and
+    // DeepSeek-R1 templates keep only what follows the last </think> of an earlier turn).
+    const std::string& c = messages[k].content;
+    const size_t think = c.rfind("</think>");
+    const std::string answer = think == std::string::npos ? std::string() : text::unicode::python_strip(c.substr(think + 8));
+    for (const std::string& content : {c, text::unicode::python_strip(c), answer}) {
+      if (content.empty()) continue;
+      pos = full.find(content, searched_to);
+      len = content.size();
+      if (pos != std::string::npos) break;
+    }
+    if (pos == std::string::npos)
+      throw Error(where + ": cannot locate assistant message " + std::to_string(k) +
+                  " in the rendered conversation (the chat template rewrites it)");
+    size_t end = pos + len;
+    if (eot) {  // the end-of-turn token, after optional spaces / newlines
+      size_t p = end;
+      while (p < full.size() && (full[p] == ' ' || full[p] == '\n')) ++p;
+      if (full.compare(p, eot->size(), *eot) == 0) end = p + eot->size();
+    }
+    spans.emplace_back(pos, end);
+    searched_to = end;
+  }
+  return spans;
+}
+
+// Renders `messages` through the chat template and tokenizes the result (no added specials: the template
+// writes them) with the loss on the assistant spans. The span boundaries stay token boundaries: the
+// whole text is encoded at once when every boundary falls between its tokens, else piece by piece.
+void tokenize_conversation(const text::ChatTemplate& tmpl, const text::Tokenizer& tok,
+                           const std::vector<text::ChatMessage>& messages, const std::string& where, Example& ex) {
+  const std::string full = tmpl.render(messages, /*add_generation_prompt=*/false);
+  const auto spans = assistant_spans(tmpl, tok, messages, full, where);
+  std::vector<std::pair<size_t, bool>> cuts;  // (byte offset, loss on the piece that starts there)
+  size_t at = 0;
+  for (const auto& [b, e] : spans) {
+    if (b > at) cuts.emplace_back(at, false);
+    if (e > b) cuts.emplace_back(b, true);
+    at = e;
+  }
+  if (at < full.size()) cuts.emplace_back(at, false);
+  auto piece_end = [&](size_t i) { return i + 1 < cuts.size() ? cuts[i + 1].first : full.size(); };
+
+  ex.ids = tok.encode(full, false);
+  ex.loss_mask.assign(ex.ids.size(), 0);
+  bool boundaries_are_token_boundaries = true;
+  std::vector<size_t> token_starts;  // token index where each piece starts
+  for (const auto& cut : cuts) {
+    const std::vector<int64_t> prefix = tok.encode(std::string_view(full).substr(0, cut.first), false);
+    if (prefix.size() > ex.ids.size() || !std::equal(prefix.begin(), prefix.end(), ex.ids.begin())) {
+      boundaries_are_token_boundaries = false;
+      break;
+    }
+    token_starts.push_back(prefix.size());
+  }
+  if (boundaries_are_token_boundaries) {
+    for (size_t i = 0; i < cuts.size(); ++i) {
+      const size_t end = i + 1 < cuts.size() ? token_starts[i + 1] : ex.ids.size();
+      if (cuts[i].second) std::fill(ex.loss_mask.begin() + static_cast<std::ptrdiff_t>(token_starts[i]),
+                                    ex.loss_mask.begin() + static_cast<std::ptrdiff_t>(end), 1);
+    }
+    return;
+  }
+  // The tokenizer merged across a boundary: tokenize the pieces separately.
+  ex.ids.clear();
+  ex.loss_mask.clear();
+  for (size_t i = 0; i < cuts.size(); ++i) {
+    const auto piece = tok.encode(std::string_view(full).substr(cuts[i].first, piece_end(i) - cuts[i].first), false);
+    append(ex.ids, piece);
+    ex.loss_mask.insert(ex.loss_mask.end(), piece.size(), cuts[i].second ? 1 : 0);
+  }
+}
 
 Example tokenize(const Record& r, const text::Tokenizer* tok, int64_t max_length, bool plain_chat_fallback,
                  const std::string& where) {
@@ -84,35 +199,17 @@ Example tokenize(const Record& r, const text::Tokenizer* tok, int64_t max_length
       ex.ids = tok->encode(r.text, /*add_special_tokens=*/true);
       ex.loss_mask.assign(ex.ids.size(), 1);
     } else if (const text::ChatTemplate* tmpl = tok->chat_template()) {
-      const std::vector<text::ChatMessage> prompt_msgs = {{"user", r.prompt}};
-      const std::vector<text::ChatMessage> full_msgs = {{"user", r.prompt}, {"assistant", r.response}};
-      const std::string prompt_text = tmpl->render(prompt_msgs, /*add_generation_prompt=*/true);
-      const std::string full_text = tmpl->render(full_msgs, /*add_generation_prompt=*/false);
-      std::vector<int64_t> prompt_ids = tok->encode(prompt_text, false);
-      std::vector<int64_t> full_ids = tok->encode(full_text, false);
-      const bool token_prefix = prompt_ids.size() <= full_ids.size() &&
-                                std::equal(prompt_ids.begin(), prompt_ids.end(), full_ids.begin());
-      if (token_prefix) {
-        ex.ids = std::move(full_ids);
-      } else if (full_text.compare(0, prompt_text.size(), prompt_text) == 0) {
-        // The tokenizer merged across the boundary: tokenize the two parts separately so that the
-        // prompt/response boundary stays a token boundary.
-        ex.ids = prompt_ids;
-        append(ex.ids, tok->encode(std::string_view(full_text).substr(prompt_text.size()), false));
-      } else {
-        throw Error(where + ": the chat template's generation prompt is not a prefix of the rendered conversation; "
-                            "cannot locate the response");
-      }
-      ex.loss_mask.assign(ex.ids.size(), 0);
-      std::fill(ex.loss_mask.begin() + static_cast<std::ptrdiff_t>(prompt_ids.size()), ex.loss_mask.end(), 1);
-    } else if (plain_chat_fallback) {
-      ex.ids = tok->encode(r.prompt + "\n\n", true);
+      tokenize_conversation(*tmpl, *tok, r.messages, where, ex);
+    } else if (plain_chat_fallback && r.messages.size() == 2 && r.messages[0].role == "user" &&
+               r.messages[1].role == "assistant") {  // a {"prompt","response"} record
+      ex.ids = tok->encode(r.messages[0].content + "\n\n", true);
       const size_t n_prompt = ex.ids.size();
-      append(ex.ids, tok->encode(r.response, false));
+      append(ex.ids, tok->encode(r.messages[1].content, false));
       ex.loss_mask.assign(ex.ids.size(), 0);
       std::fill(ex.loss_mask.begin() + static_cast<std::ptrdiff_t>(n_prompt), ex.loss_mask.end(), 1);
     } else {
-      throw Error(where + ": a \"prompt\"/\"response\" record needs a tokenizer with a chat template (this one has none)");
+      throw Error(where + ": a \"prompt\"/\"response\" or \"messages\" record needs a tokenizer with a chat template "
+                          "(this one has none)");
     }
   }
   if (ex.ids.empty()) throw Error(where + ": record tokenizes to no tokens");

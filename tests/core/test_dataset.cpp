@@ -150,6 +150,63 @@ TEST(Dataset, ChatRecordsMaskThePrompt) {
   EXPECT_EQ(data::summarize(cut).loss_tokens, 0);
 }
 
+// The loss tokens of example `e`, one decoded string per contiguous run.
+std::vector<std::string> loss_runs(const text::Tokenizer& tok, const data::Example& e) {
+  std::vector<std::string> runs;
+  std::vector<int64_t> run;
+  for (size_t t = 0; t <= e.ids.size(); ++t) {
+    if (t < e.ids.size() && e.loss_mask[t]) {
+      run.push_back(e.ids[t]);
+    } else if (!run.empty()) {
+      runs.push_back(tok.decode(run));
+      run.clear();
+    }
+  }
+  return runs;
+}
+
+TEST(Dataset, MessagesRecordsLearnEveryAssistantTurn) {
+  TempDir tmp("messages");
+  auto tok = text::Tokenizer::load(chat_tokenizer(tmp));
+  const fs::path f = write_lines(
+      tmp.path / "a.jsonl",
+      {R"({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},)"
+       R"( {"role": "assistant", "content": "4."}, {"role": "user", "content": "3+3?"},)"
+       R"( {"role": "assistant", "content": "6."}]})",
+       R"({"prompt": "What is 2+2?", "response": "It is 4."})",
+       R"({"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]})"});
+  const auto ex = data::load_jsonl(f, tok.get(), in_order());
+  ASSERT_EQ(ex.size(), 3u);
+  EXPECT_EQ(ex[0].kind, data::RecordKind::Chat);
+  const std::vector<text::ChatMessage> conv = {
+      {"system", "Be brief."}, {"user", "2+2?"}, {"assistant", "4."}, {"user", "3+3?"}, {"assistant", "6."}};
+  EXPECT_EQ(ex[0].ids, tok->encode(tok->chat_template()->render(conv, false), false));
+  EXPECT_EQ(loss_runs(*tok, ex[0]), (std::vector<std::string>{"4.<|im_end|>\n", "6.<|im_end|>\n"}));
+  // A {"prompt","response"} record is the two-message conversation.
+  EXPECT_EQ(ex[1].ids, ex[2].ids);
+  EXPECT_EQ(ex[1].loss_mask, ex[2].loss_mask);
+}
+
+// Qwen3's template renders an earlier answer without its <think> block once a later turn follows, so the
+// turns are found by their content; the end-of-turn token stays a loss target.
+TEST(Dataset, MessagesWithATemplateThatRewritesEarlierTurns) {
+  TempDir tmp("qwen3msg");
+  const fs::path dir = tmp.path / "tok";
+  fs::create_directories(dir);
+  fs::copy_file(kData / "tokenizers" / "qwen2_bpe" / "tokenizer.json", dir / "tokenizer.json");
+  fs::copy_file(kData / "tokenizers" / "chat" / "qwen3.json", dir / "tokenizer_config.json");
+  auto tok = text::Tokenizer::load(dir);
+  const fs::path f = write_lines(
+      tmp.path / "a.jsonl",
+      {R"({"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "<think>r1</think>a1"},)"
+       R"( {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]})"});
+  const auto ex = data::load_jsonl(f, tok.get(), in_order());
+  const auto runs = loss_runs(*tok, ex[0]);
+  ASSERT_EQ(runs.size(), 2u);
+  EXPECT_EQ(runs[0], "a1<|im_end|>");
+  EXPECT_NE(runs[1].find("a2<|im_end|>"), std::string::npos) << runs[1];
+}
+
 TEST(Dataset, ChatWithoutTemplate) {
   TempDir tmp("notmpl");
   auto tok = text::Tokenizer::load(kData / "tokenizers" / "llama2_sp");  // no template, no ChatML specials
@@ -188,6 +245,10 @@ TEST(Dataset, BadRecordsNameFileAndLine) {
       {R"({"text": "a", "ids": [1]})", "mixes"},
       {R"([1, 2])", "JSON object"},
       {R"({"text": "unterminated)", "not valid JSON"},
+      {R"({"messages": []})", "non-empty list"},
+      {R"({"messages": [{"role": "user"}]})", "\"messages\"[0]"},
+      {R"({"messages": [{"role": "user", "content": "only a question"}]})", "no assistant message"},
+      {R"({"messages": [{"role": "assistant", "content": "a"}], "text": "t"})", "mixes"},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     const fs::path f = write_lines(tmp.path / ("bad" + std::to_string(i) + ".jsonl"), {ok, ok, cases[i].line});

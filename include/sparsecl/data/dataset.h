@@ -1,11 +1,16 @@
 // The one data path from domain JSONL files (data/README.md) to token batches, shared by probe,
-// trainer and eval. A record is one JSON object per line, in one of three forms:
+// trainer and eval. A record is one JSON object per line, in one of four forms:
 //   {"text": "..."}                      tokenized as is (the tokenizer's own specials, e.g. BOS, added);
 //                                        loss on every token
 //   {"prompt": "...", "response": "..."} a user turn + an assistant turn rendered through the tokenizer's
 //                                        chat template; loss on the tokens after the generation prompt
 //                                        (the response, its end-of-turn token and what the template
 //                                        appends after it)
+//   {"messages": [{"role", "content"}, ...]}  a whole conversation (system / user / assistant / tool
+//                                        turns) through the chat template; loss on every assistant turn,
+//                                        each delimited as the single turn of {"prompt","response"} is
+//                                        (or, for templates that rewrite earlier turns, by its content
+//                                        and end-of-turn token)
 //   {"ids": [int, ...]}                  pre-tokenized, used exactly as given (no tokenizer needed);
 //                                        loss on every token
 // Other fields ("id", "source", ...) are ignored. A record that has none of these forms, or fields of
