@@ -2,6 +2,7 @@
 #include "sparsecl/model/config.h"
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 
 #include "sparsecl/common/error.h"
@@ -59,7 +60,32 @@ RopeConfig parse_rope(const json& j, const std::string& source) {
         required<int64_t>(params, "original_max_position_embeddings", source + " rope parameters");
     return rope;
   }
-  throw Error(source + ": unsupported rope type '" + type + "' (supported: default, linear, llama3)");
+  if (type == "yarn") {  // transformers' _compute_yarn_parameters
+    const std::string where = source + " rope parameters";
+    rope.original_max_position_embeddings = required<int64_t>(params, "original_max_position_embeddings", where);
+    rope.factor = params.contains("factor") && !params["factor"].is_null()
+                      ? required<double>(params, "factor", where)
+                      : static_cast<double>(optional_or<int64_t>(j, "max_position_embeddings", 4096, source)) /
+                            static_cast<double>(rope.original_max_position_embeddings);
+    auto mscale_of = [](double scale, double m) { return scale <= 1 ? 1.0 : 0.1 * m * std::log(scale) + 1.0; };
+    const double mscale = optional_or<double>(params, "mscale", 0.0, where);
+    const double mscale_all_dim = optional_or<double>(params, "mscale_all_dim", 0.0, where);
+    if (params.contains("attention_factor") && !params["attention_factor"].is_null())
+      rope.attention_factor = required<double>(params, "attention_factor", where);
+    else if (mscale != 0.0 && mscale_all_dim != 0.0)
+      rope.attention_factor = mscale_of(rope.factor, mscale) / mscale_of(rope.factor, mscale_all_dim);
+    else
+      rope.attention_factor = mscale_of(rope.factor, 1.0);
+    // `or 32` / `or 1` in transformers: a missing, null or zero beta takes the default.
+    const double fast = optional_or<double>(params, "beta_fast", 0.0, where), slow = optional_or<double>(params, "beta_slow", 0.0, where);
+    rope.beta_fast = fast != 0.0 ? fast : 32.0;
+    rope.beta_slow = slow != 0.0 ? slow : 1.0;
+    rope.truncate = optional_or<bool>(params, "truncate", true, where);
+    if (optional_or<double>(params, "partial_rotary_factor", 1.0, where) != 1.0)
+      throw Error(source + ": yarn with partial_rotary_factor != 1 is not supported");
+    return rope;
+  }
+  throw Error(source + ": unsupported rope type '" + type + "' (supported: default, linear, llama3, yarn)");
 }
 
 // Which layers attend within a sliding window, as transformers 5 decides it: Mistral applies its
@@ -163,6 +189,13 @@ ModelConfig ModelConfig::load(const fs::path& dir_or_file) {
 json ModelConfig::to_json() const {
   json rope_j = {{"rope_type", rope.type}, {"rope_theta", rope.theta}};
   if (rope.type != "default") rope_j["factor"] = rope.factor;
+  if (rope.type == "yarn") {
+    rope_j["original_max_position_embeddings"] = rope.original_max_position_embeddings;
+    rope_j["beta_fast"] = rope.beta_fast;
+    rope_j["beta_slow"] = rope.beta_slow;
+    rope_j["truncate"] = rope.truncate;
+    rope_j["attention_factor"] = rope.attention_factor;
+  }
   if (rope.type == "llama3") {
     rope_j["low_freq_factor"] = rope.low_freq_factor;
     rope_j["high_freq_factor"] = rope.high_freq_factor;

@@ -48,6 +48,26 @@ at::Tensor rope_inverse_frequencies(const ModelConfig& c) {
   at::Tensor exponent = at::arange(0, D, 2, at::kLong).to(at::kFloat) / static_cast<double>(D);
   at::Tensor inv_freq = 1.0 / at::pow(c.rope.theta, exponent);
   if (c.rope.type == "linear") return inv_freq / c.rope.factor;
+  if (c.rope.type == "yarn") {  // _compute_yarn_parameters, op for op
+    const double dim = static_cast<double>(D), base = c.rope.theta;
+    const double old_len = static_cast<double>(c.rope.original_max_position_embeddings);
+    auto correction_dim = [&](double rotations) {
+      return (dim * std::log(old_len / (rotations * 2 * std::numbers::pi))) / (2 * std::log(base));
+    };
+    double low = correction_dim(c.rope.beta_fast), high = correction_dim(c.rope.beta_slow);
+    if (c.rope.truncate) {
+      low = std::floor(low);
+      high = std::ceil(high);
+    }
+    low = std::max(low, 0.0);
+    high = std::min(high, dim - 1);
+    if (low == high) high += 0.001;  // no singularity
+    at::Tensor ramp = ((at::arange(D / 2, at::kFloat) - low) / (high - low)).clamp(0, 1);
+    at::Tensor extrapolation_factor = 1 - ramp;
+    at::Tensor pos_freqs = at::pow(c.rope.theta, exponent);
+    at::Tensor extrapolated = 1.0 / pos_freqs, interpolated = 1.0 / (c.rope.factor * pos_freqs);
+    return interpolated * (1 - extrapolation_factor) + extrapolated * extrapolation_factor;
+  }
   if (c.rope.type != "llama3") return inv_freq;
   const double factor = c.rope.factor, low = c.rope.low_freq_factor, high = c.rope.high_freq_factor;
   const double old_len = static_cast<double>(c.rope.original_max_position_embeddings);
@@ -311,6 +331,8 @@ std::pair<at::Tensor, at::Tensor> Decoder::rope_tables(const at::Tensor& positio
   // freqs [B, T, D/2] = positions x inv_freq (fp32, as HF's rotary embedding), emb = cat(freqs, freqs).
   at::Tensor freqs = position_ids.to(at::kFloat).unsqueeze(-1) * inv_freq_.view({1, 1, -1});
   at::Tensor emb = at::cat({freqs, freqs}, -1);
+  if (config_.rope.attention_factor != 1.0)  // yarn: HF scales cos and sin (attention_scaling)
+    return {emb.cos() * config_.rope.attention_factor, emb.sin() * config_.rope.attention_factor};
   return {emb.cos(), emb.sin()};
 }
 

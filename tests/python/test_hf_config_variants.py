@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Model parity beyond the fixtures: tiny random checkpoints that HF transformers itself builds and saves
 (save_pretrained, safetensors) for the config options published Llama / Mistral / Qwen2 / Qwen3
-checkpoints use — GQA, an explicit head_dim, llama3 and linear RoPE scaling, attention / MLP biases,
+checkpoints use — GQA, an explicit head_dim, llama3, linear and yarn RoPE scaling, attention / MLP biases,
 tied embeddings, a Mistral sliding window shorter than the sequence, Qwen2's per-layer sliding window,
 Qwen3's q/k norms, gelu activations. `sparsecl forward` on each must give HF's fp32 logits (max abs
 difference <= 2e-4) on a batch with a left-padded row, `sparsecl info` must count HF's parameters, and
@@ -33,6 +33,11 @@ VARIANTS = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16}}),
     "llama_rope_linear": ("LlamaConfig", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
+    "qwen2_rope_yarn": ("Qwen2Config", {"rope_scaling": {"type": "yarn", "factor": 4.0,
+                                                         "original_max_position_embeddings": 64}}),
+    "qwen3_rope_yarn_mscale": ("Qwen3Config", {"rope_scaling": {
+        "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 16, "beta_slow": 2,
+        "mscale": 0.9, "mscale_all_dim": 0.5, "truncate": False}}),
     "llama_biases": ("LlamaConfig", {"attention_bias": True, "mlp_bias": True}),
     "llama_tied_mha": ("LlamaConfig", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
     "llama_gelu": ("LlamaConfig", {"hidden_act": "gelu_pytorch_tanh"}),

@@ -14,12 +14,15 @@
 namespace sparsecl::model {
 
 struct RopeConfig {
-  std::string type = "default";  // "default" | "linear" | "llama3"
+  std::string type = "default";  // "default" | "linear" | "llama3" | "yarn"
   double theta = 10000.0;
-  double factor = 1.0;                       // linear, llama3
+  double factor = 1.0;                       // linear, llama3, yarn
   double low_freq_factor = 1.0;              // llama3
   double high_freq_factor = 4.0;             // llama3
-  int64_t original_max_position_embeddings = 8192;  // llama3
+  int64_t original_max_position_embeddings = 8192;  // llama3, yarn
+  double beta_fast = 32.0, beta_slow = 1.0;  // yarn: the ramp between extrapolated and interpolated dims
+  bool truncate = true;                      // yarn: integer correction range
+  double attention_factor = 1.0;             // yarn: cos / sin scale (HF's attention_scaling); 1 otherwise
 };
 
 struct ModelConfig {
