@@ -61,9 +61,7 @@ std::vector<int64_t> stop_ids_for(const fs::path& dir, const model::ModelConfig&
 
 void run_generate(const GenerateArgs& a) {
   if (a.ids.empty() == a.prompt.empty()) throw Error("generate: give exactly one of --ids or --prompt");
-  std::unique_ptr<text::Tokenizer> tok;
-  const bool has_tokenizer = fs::exists(fs::path(a.model) / "tokenizer.json") || fs::exists(fs::path(a.model) / "tokenizer.model");
-  if (has_tokenizer) tok = text::Tokenizer::load(a.model);
+  std::unique_ptr<text::Tokenizer> tok = text::Tokenizer::load_if_present(a.model);
   std::vector<int64_t> prompt;
   if (!a.ids.empty()) {
     prompt = parse_ids(a.ids);
@@ -84,7 +82,12 @@ void run_generate(const GenerateArgs& a) {
   if (!a.adapter.empty()) model::attach_lora(decoder, model::LoraAdapter::load(a.adapter));
   model::GenerateOptions opt;
   opt.max_new_tokens = a.max_new_tokens;
-  if (!a.ignore_eos) opt.stop_ids = stop_ids_for(a.model, decoder.config(), tok.get());
+  if (!a.ignore_eos) {
+    opt.stop_ids = stop_ids_for(a.model, decoder.config(), tok.get());
+    // A chat reply ends with the template's end-of-turn token (<|im_end|>, <|eot_id|>, <|end|>), which
+    // is not always among the EOS ids.
+    if (a.chat && tok && tok->end_of_turn_id()) opt.stop_ids.push_back(*tok->end_of_turn_id());
+  }
   auto out = model::greedy_generate(decoder, {prompt}, opt);
   std::cout << nlohmann::json(out[0]).dump() << std::endl;
   if (tok) std::cout << tok->decode(out[0], /*skip_special_tokens=*/true) << std::endl;
