@@ -53,11 +53,21 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+// The process's resident-set high-water mark: VmHWM from /proc/self/status, which
+// reset_peak_rss() sets back to the current RSS (Linux clear_refs "5"), so that a workload's peak
+// excludes what building the model touched before it; getrusage's lifetime maximum where /proc is
+// unavailable.
 int64_t peak_rss_bytes() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;  // "VmHWM:  123 kB"
   struct rusage usage {};
   ::getrusage(RUSAGE_SELF, &usage);
   return static_cast<int64_t>(usage.ru_maxrss) * 1024;  // Linux reports KiB
 }
+
+void reset_peak_rss() { std::ofstream("/proc/self/clear_refs") << "5"; }
 
 // The distinct devices a decoder's tensors live on (one, or the GPUs of a pipeline placement).
 std::vector<at::Device> devices_of(const model::Decoder& decoder) {
@@ -78,11 +88,12 @@ void synchronize(const std::vector<at::Device>& devices) {
 // Peak memory of one workload over the decoder's devices: on CUDA each caching allocator's cache is
 // emptied and its peaks reset when the workload starts (so "reserved" is this workload's own), and
 // read when it ends; the result sums the devices' peaks (each device's in peak_per_device when there
-// are several).
+// are several). The process's peak RSS (the CPU's figure) is reset when the workload starts too.
 class PeakMemory {
  public:
   explicit PeakMemory(const model::Decoder& decoder) : devices_(devices_of(decoder)) {
     synchronize(devices_);
+    reset_peak_rss();
 #ifdef SPARSECL_WITH_CUDA
     bool emptied = false;
     for (const at::Device& d : devices_) {
