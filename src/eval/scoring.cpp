@@ -82,6 +82,21 @@ LossResult heldout_loss(const model::Decoder& decoder, const text::Tokenizer* to
 
 // ---- multiple choice ----------------------------------------------------------------------------------------
 
+// "answer": an index into the choices, or a string naming one: the text of exactly one choice, else a
+// letter A, B, ... (ARC / MMLU style answer keys). Anything else is an error, never a guess.
+static int64_t mc_answer_index(const nlohmann::json& j, const std::vector<std::string>& choices, const std::string& where) {
+  if (!j.contains("answer")) throw Error(where + ": no \"answer\"");
+  const nlohmann::json& a = j["answer"];
+  if (a.is_number_integer()) return a.get<int64_t>();
+  if (!a.is_string())
+    throw Error(where + ": \"answer\" must be an index, a choice's text or a letter, got " + a.dump());
+  const std::string s = a.get<std::string>();
+  const auto n_equal = std::count(choices.begin(), choices.end(), s);
+  if (n_equal == 1) return std::find(choices.begin(), choices.end(), s) - choices.begin();
+  if (n_equal == 0 && s.size() == 1 && s[0] >= 'A' && s[0] <= 'Z') return s[0] - 'A';
+  throw Error(where + ": \"answer\" '" + s + "' is neither one choice's text nor a letter");
+}
+
 std::vector<McRecord> load_mc(const std::filesystem::path& file, int64_t max_samples) {
   std::vector<McRecord> out;
   int64_t i = 0;
@@ -95,8 +110,7 @@ std::vector<McRecord> load_mc(const std::filesystem::path& file, int64_t max_sam
       if (!c.is_string()) throw Error(where + ": \"choices\" must be a non-empty list of strings");
       r.choices.push_back(c.get<std::string>());
     }
-    if (!j.contains("answer") || !j["answer"].is_number_integer()) throw Error(where + ": \"answer\" must be an index");
-    r.answer = j["answer"].get<int64_t>();
+    r.answer = mc_answer_index(j, r.choices, where);
     if (r.answer < 0 || r.answer >= static_cast<int64_t>(r.choices.size()))
       throw Error(where + ": \"answer\" " + std::to_string(r.answer) + " is outside the choices");
     out.push_back(std::move(r));

@@ -188,6 +188,31 @@ TEST(EvalData, BundledFilesParse) {
   EXPECT_THROW(load_mc(kRepo / "data" / "math" / "gsm8k_test.jsonl", 1), Error);
 }
 
+TEST(EvalData, McAnswerAsIndexTextOrLetter) {
+  const fs::path file = fs::temp_directory_path() / "sparsecl_mc_answers.jsonl";
+  {
+    std::ofstream out(file);
+    out << R"({"question": "q", "choices": ["red", "green", "blue"], "answer": 2})" << "\n"
+        << R"({"question": "q", "choices": ["red", "green", "blue"], "answer": "green"})" << "\n"
+        << R"({"question": "q", "choices": ["red", "green", "blue"], "answer": "A"})" << "\n"
+        << R"({"question": "q", "choices": ["A", "B", "C"], "answer": "B"})" << "\n";
+  }
+  const auto mc = load_mc(file, 0);
+  ASSERT_EQ(mc.size(), 4u);
+  EXPECT_EQ(mc[0].answer, 2);
+  EXPECT_EQ(mc[1].answer, 1);
+  EXPECT_EQ(mc[2].answer, 0);
+  EXPECT_EQ(mc[3].answer, 1);
+  for (const char* bad : {R"({"question": "q", "choices": ["x", "y"], "answer": "D"})",
+                          R"({"question": "q", "choices": ["x", "y"], "answer": "z"})",
+                          R"({"question": "q", "choices": ["x", "x"], "answer": "x"})",
+                          R"({"question": "q", "choices": ["x", "y"], "answer": 1.5})"}) {
+    std::ofstream(file) << bad << "\n";
+    EXPECT_THROW(load_mc(file, 0), Error) << bad;
+  }
+  fs::remove(file);
+}
+
 TEST(EvalSmol, EndToEnd) {
   if (!fs::exists(kSmol / "model.safetensors")) GTEST_SKIP() << "models/smollm2-135m-instruct not present";
   auto d = model::Decoder::load(kSmol, at::kFloat, at::kCPU);
