@@ -49,7 +49,7 @@ class Tokenizer {
   virtual std::optional<std::string> id_to_token(int64_t id) const = 0;
   // True for ids of special tokens (added tokens marked special, SentencePiece control tokens).
   virtual bool is_special(int64_t id) const = 0;
-  // nullptr when the tokenizer has no chat template we support (see chat_template.h).
+  // nullptr when the tokenizer has no chat template (or one that does not parse; see chat_template.h).
   const ChatTemplate* chat_template() const { return chat_template_.get(); }
   // The special token that ends an assistant turn in the chat template ("<|im_end|>", "<|eot_id|>",
   // "</s>"): the first token of its turn suffix when that token is special; nullopt otherwise.
