@@ -105,7 +105,7 @@ std::vector<std::pair<size_t, size_t>> assistant_spans(const text::ChatTemplate&
     const std::vector<text::ChatMessage> before(messages.begin(), messages.begin() + static_cast<std::ptrdiff_t>(k));
     const std::vector<text::ChatMessage> upto(messages.begin(), messages.begin() + static_cast<std::ptrdiff_t>(k) + 1);
     const std::string head = k == 0 ? std::string() : tmpl.render(before, /*add_generation_prompt=*/true);
-    const std::string turn = tmpl.render(upto, /*add_generation_prompt=*/false);
+    const std::string turn = k + 1 == messages.size() ? full : tmpl.render(upto, /*add_generation_prompt=*/false);
     if (head.size() <= turn.size() && full.compare(0, head.size(), head) == 0 && full.compare(0, turn.size(), turn) == 0 &&
         head.size() >= searched_to) {
       spans.emplace_back(head.size(), turn.size());
