@@ -146,7 +146,9 @@ struct PreStep {
   explicit PreStep(Kind k, std::shared_ptr<Regex> re = nullptr) : kind(k), regex(std::move(re)) {}
   Kind kind;
   std::shared_ptr<Regex> regex;  // Split: its pattern; ByteLevel: the GPT-2 regex when use_regex
-  enum class Behavior { Isolated, Removed } behavior = Behavior::Isolated;
+  // tokenizers' SplitDelimiterBehavior: what becomes of the matched delimiters.
+  enum class Behavior { Isolated, Removed, MergedWithPrevious, MergedWithNext, Contiguous } behavior = Behavior::Isolated;
+  bool invert = false;  // Split: the pattern matches the pieces, what lies between them is the delimiter
   bool add_prefix_space = false;
   bool individual_digits = false;  // Digits: each digit alone (else runs of digits)
   // Metaspace: spaces become `replacement`, which is prepended to every piece (always), to the piece
@@ -565,7 +567,7 @@ class BpeTokenizer final : public Tokenizer {
       next.clear();
       for (auto& piece : pieces) {
         switch (step.kind) {
-          case PreStep::Kind::Split: split_regex(piece, *step.regex, step.behavior, next); break;
+          case PreStep::Kind::Split: split_regex(piece, *step.regex, step.behavior, step.invert, next); break;
           case PreStep::Kind::Digits: split_digits(piece, step.individual_digits, next); break;
           case PreStep::Kind::ByteLevel: byte_level(std::move(piece), step, next); break;
           case PreStep::Kind::Metaspace: metaspace(std::move(piece), step, next); break;
@@ -577,46 +579,89 @@ class BpeTokenizer final : public Tokenizer {
       if (!piece.text.empty()) bpe(piece.text, ids);
   }
 
-  // The pieces of `in` around the matches of `re` (matches kept when Isolated, dropped when Removed).
-  static void split_regex(const Piece& in, const Regex& re, PreStep::Behavior behavior, std::vector<Piece>& out) {
-    const std::string& s = in.text;
-    size_t prev = 0;
-    auto emit = [&](size_t b, size_t e) { out.push_back(Piece{s.substr(b, e - b), in.at_input_start && b == 0}); };
-    for (auto [b, e] : re.find_all(s)) {
-      if (b > prev) emit(prev, b);
-      if (behavior == PreStep::Behavior::Isolated) emit(b, e);
-      prev = e;
+  // One stretch of a piece and whether it is a delimiter (a match of the split pattern).
+  struct Span {
+    size_t begin, end;
+    bool is_match;
+  };
+
+  // tokenizers' NormalizedString::split: `spans` cover in.text in order (matches and the text between
+  // them); `behavior` decides what becomes of the matches; empty pieces are dropped.
+  static void split_spans(const Piece& in, const std::vector<Span>& spans, PreStep::Behavior behavior,
+                          std::vector<Piece>& out) {
+    using B = PreStep::Behavior;
+    std::vector<std::pair<Span, bool>> kept;  // (stretch, removed)
+    bool previous_match = false;
+    switch (behavior) {
+      case B::Isolated:
+        for (const Span& sp : spans) kept.push_back({sp, false});
+        break;
+      case B::Removed:
+        for (const Span& sp : spans) kept.push_back({sp, sp.is_match});
+        break;
+      case B::Contiguous:  // runs of matches (and of non-matches) become one piece
+        for (const Span& sp : spans) {
+          if (sp.is_match == previous_match && !kept.empty()) kept.back().first.end = sp.end;
+          else kept.push_back({sp, false});
+          previous_match = sp.is_match;
+        }
+        break;
+      case B::MergedWithPrevious:  // a match joins the piece before it
+        for (const Span& sp : spans) {
+          if (sp.is_match && !previous_match && !kept.empty()) kept.back().first.end = sp.end;
+          else kept.push_back({sp, false});
+          previous_match = sp.is_match;
+        }
+        break;
+      case B::MergedWithNext:  // a match joins the piece after it (folded from the end, as tokenizers does)
+        for (auto it = spans.rbegin(); it != spans.rend(); ++it) {
+          if (it->is_match && !previous_match && !kept.empty()) kept.back().first.begin = it->begin;
+          else kept.push_back({*it, false});
+          previous_match = it->is_match;
+        }
+        std::reverse(kept.begin(), kept.end());
+        break;
     }
-    if (prev < s.size()) emit(prev, s.size());
+    for (const auto& [sp, removed] : kept)
+      if (!removed && sp.end > sp.begin)
+        out.push_back(Piece{in.text.substr(sp.begin, sp.end - sp.begin), in.at_input_start && sp.begin == 0});
   }
 
-  // tokenizers' Digits: numeric characters isolated one by one (individual_digits) or as runs.
-  static void split_digits(const Piece& in, bool individual, std::vector<Piece>& out) {
-    const std::string& s = in.text;
-    auto emit = [&](size_t b, size_t e) { out.push_back(Piece{s.substr(b, e - b), in.at_input_start && b == 0}); };
-    size_t i = 0, pending = 0;
-    bool in_run = false;
-    while (i < s.size()) {
-      size_t at = i;
-      bool num = is_numeric(unicode::next_code_point(s, i));
-      if (num && individual) {
-        if (at > pending) emit(pending, at);
-        emit(at, i);
-        pending = i;
-      } else if (num != in_run) {
-        if (at > pending) emit(pending, at);
-        pending = at;
-        in_run = num;
-      }
+  // The spans of `s` given its matches [begin, end) in order (tokenizers' Pattern::find_matches).
+  static std::vector<Span> spans_of(const std::string& s, const std::vector<std::pair<size_t, size_t>>& matches,
+                                    bool invert) {
+    std::vector<Span> spans;
+    size_t prev = 0;
+    for (auto [b, e] : matches) {
+      if (b > prev) spans.push_back({prev, b, invert});
+      spans.push_back({b, e, !invert});
+      prev = e;
     }
-    if (pending < s.size()) emit(pending, s.size());
+    if (prev < s.size()) spans.push_back({prev, s.size(), invert});
+    return spans;
+  }
+
+  static void split_regex(const Piece& in, const Regex& re, PreStep::Behavior behavior, bool invert,
+                          std::vector<Piece>& out) {
+    split_spans(in, spans_of(in.text, re.find_all(in.text), invert), behavior, out);
+  }
+
+  // tokenizers' Digits: every numeric character a match, Isolated (individual_digits) or Contiguous.
+  static void split_digits(const Piece& in, bool individual, std::vector<Piece>& out) {
+    std::vector<std::pair<size_t, size_t>> matches;
+    for (size_t i = 0; i < in.text.size();) {
+      const size_t at = i;
+      if (is_numeric(unicode::next_code_point(in.text, i))) matches.emplace_back(at, i);
+    }
+    split_spans(in, spans_of(in.text, matches, false),
+                individual ? PreStep::Behavior::Isolated : PreStep::Behavior::Contiguous, out);
   }
 
   // tokenizers' ByteLevel: optional prefix space, the GPT-2 regex, bytes -> printable characters.
   static void byte_level(Piece in, const PreStep& step, std::vector<Piece>& out) {
     if (step.add_prefix_space && (in.text.empty() || in.text[0] != ' ')) in.text.insert(in.text.begin(), ' ');
     std::vector<Piece> parts;
-    if (step.regex) split_regex(in, *step.regex, PreStep::Behavior::Isolated, parts);
+    if (step.regex) split_regex(in, *step.regex, PreStep::Behavior::Isolated, false, parts);
     else parts.push_back(std::move(in));
     const auto& table = unicode::bytes_to_unicode();
     for (auto& part : parts) {
@@ -644,12 +689,9 @@ class BpeTokenizer final : public Tokenizer {
       out.push_back(Piece{std::move(s), in.at_input_start});
       return;
     }
-    size_t begin = 0;
-    for (size_t k = s.find(r, r.size()); k != std::string::npos; k = s.find(r, k + r.size())) {
-      if (k > begin) out.push_back(Piece{s.substr(begin, k - begin), in.at_input_start && begin == 0});
-      begin = k;
-    }
-    out.push_back(Piece{s.substr(begin), in.at_input_start && begin == 0});
+    std::vector<std::pair<size_t, size_t>> matches;
+    for (size_t k = s.find(r); k != std::string::npos; k = s.find(r, k + r.size())) matches.emplace_back(k, k + r.size());
+    split_spans(Piece{s, in.at_input_start}, spans_of(s, matches, false), PreStep::Behavior::MergedWithNext, out);
   }
 
   void bpe(const std::string& word, std::vector<int64_t>& ids) const {
@@ -837,8 +879,11 @@ void parse_pre_tokenizer(const json& j, const fs::path& file, std::vector<PreSte
     std::string behavior = j.value("behavior", std::string("Isolated"));
     if (behavior == "Isolated") step.behavior = PreStep::Behavior::Isolated;
     else if (behavior == "Removed") step.behavior = PreStep::Behavior::Removed;
+    else if (behavior == "MergedWithPrevious") step.behavior = PreStep::Behavior::MergedWithPrevious;
+    else if (behavior == "MergedWithNext") step.behavior = PreStep::Behavior::MergedWithNext;
+    else if (behavior == "Contiguous") step.behavior = PreStep::Behavior::Contiguous;
     else unsupported(file, "Split pre-tokenizer behavior '" + behavior + "'");
-    if (j.value("invert", false)) unsupported(file, "Split pre-tokenizer with invert=true");
+    step.invert = j.value("invert", false);
     out.push_back(std::move(step));
   } else if (t == "Digits") {
     PreStep step{PreStep::Kind::Digits, nullptr};

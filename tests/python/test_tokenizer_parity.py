@@ -259,7 +259,8 @@ def run_binary(binary, tok_dir, texts, special, key="text"):
 def component_variants(repo, out_dir):
     """tokenizer.json variants of the qwen2_bpe fixture exercising components the real files do not use
     (Digits as in SmolLM, ByteLevel with prefix space and its own regex, NFKC/NFD, Split with a String
-    pattern and Removed behaviour, TemplateProcessing with BOS and EOS, ignore_merges)."""
+    pattern and every delimiter behaviour, inverted Split patterns, TemplateProcessing with BOS and EOS,
+    ignore_merges)."""
     base = json.load(open(os.path.join(repo, "tests", "data", "tokenizers", "qwen2_bpe", "tokenizer.json"), encoding="utf-8"))
     bl = lambda prefix, regex: {"type": "ByteLevel", "add_prefix_space": prefix, "trim_offsets": True, "use_regex": regex}
     variants = {
@@ -281,6 +282,21 @@ def component_variants(repo, out_dir):
             "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]},
                                "<|im_end|>": {"id": "<|im_end|>", "ids": [2], "tokens": ["<|im_end|>"]}}}},
         "ignore_merges": {"model": dict(base["model"], ignore_merges=True)},
+        "split_merged_previous": {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "\\s+"}, "behavior": "MergedWithPrevious", "invert": False},
+            bl(False, False)]}},
+        "split_merged_next": {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "[.,;:!?]"}, "behavior": "MergedWithNext", "invert": False},
+            bl(False, False)]}},
+        "split_contiguous": {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"String": " "}, "behavior": "Contiguous", "invert": False},
+            bl(False, False)]}},
+        "split_invert": {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "\\p{L}+|\\p{N}+"}, "behavior": "Isolated", "invert": True},
+            bl(False, False)]}},
+        "split_invert_removed": {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "\\S+"}, "behavior": "Removed", "invert": True},
+            bl(False, False)]}},
     }
     dirs = {}
     for name, change in variants.items():

@@ -316,9 +316,15 @@ TEST(TokenizerErrors, UnsupportedComponents) {
   }
   {
     json j = qwen2_json();
-    j["decoder"] = {{"type", "Metaspace"}};
+    j["decoder"] = {{"type", "WordPiece"}};
     write_file(file, j.dump());
-    expect_error([&] { Tokenizer::load(tmp.path()); }, {file, "decoder", "Metaspace"});
+    expect_error([&] { Tokenizer::load(tmp.path()); }, {file, "decoder", "WordPiece"});
+  }
+  {
+    json j = qwen2_json();
+    j["decoder"] = {{"type", "Metaspace"}};  // no replacement
+    write_file(file, j.dump());
+    expect_error([&] { Tokenizer::load(tmp.path()); }, {file, "Metaspace decoder", "replacement"});
   }
   {
     json j = qwen2_json();
@@ -328,9 +334,9 @@ TEST(TokenizerErrors, UnsupportedComponents) {
   }
   {
     json j = qwen2_json();
-    j["pre_tokenizer"]["pretokenizers"][0]["behavior"] = "MergedWithNext";
+    j["pre_tokenizer"]["pretokenizers"][0]["behavior"] = "MergedSideways";
     write_file(file, j.dump());
-    expect_error([&] { Tokenizer::load(tmp.path()); }, {file, "MergedWithNext"});
+    expect_error([&] { Tokenizer::load(tmp.path()); }, {file, "MergedSideways"});
   }
 }
 
