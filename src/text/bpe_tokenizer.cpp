@@ -5,10 +5,11 @@
 //   1. added tokens (non-normalized ones) are cut out of the raw text, leftmost-longest;
 //   2. the rest is normalised (NFC/NFD/NFKC/NFKD, Prepend, Replace, or a Sequence of them), then
 //      normalized added tokens are cut out;
-//   3. pre-tokenisation: Split (PCRE2 regex, Isolated/Removed), Digits (SmolLM's individual digits),
-//      ByteLevel (prefix space, GPT-2 regex, bytes -> printable characters) and Metaspace (spaces -> "▁",
-//      prepend scheme always/first/never, optional split before each "▁"), each applied to every piece
-//      the previous step produced;
+//   3. pre-tokenisation: Split (PCRE2 regex or string, every delimiter behaviour, invert), Digits
+//      (SmolLM's individual digits), ByteLevel (prefix space, GPT-2 regex, bytes -> printable
+//      characters) and Metaspace (spaces -> "▁", prepend scheme always/first/never, optional split
+//      before each "▁"), each applied to every piece the previous step produced, all splitting through
+//      one transcription of tokenizers' NormalizedString::split;
 //   4. the BPE model: whole piece in the vocabulary when ignore_merges, otherwise the lowest-rank merge
 //      first (ties: leftmost), with the same heap-and-linked-list procedure as tokenizers' Word::merge_all;
 //      characters outside the vocabulary become <0xXX> byte tokens (byte_fallback) or the unk token;
