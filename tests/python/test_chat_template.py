@@ -24,6 +24,9 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sentencepiece_json  # noqa: E402
+
 SKIP = 77
 
 CONVERSATIONS = [
@@ -122,20 +125,7 @@ def compare(label, hf_tok, template, binary, tok_dir, template_file, failures, e
 def llama2_tokenizer_json(data, work):
     """The Llama-2 fixture tokenizer.model as transformers converts it to tokenizer.json (the vocabulary
     of the [INST] / Zephyr templates), or None when the converter cannot run (no protobuf)."""
-    try:
-        import google.protobuf  # noqa: F401
-        from transformers import LlamaTokenizerFast
-    except ImportError as e:
-        print(f"note: no Llama-2 tokenizer.json ({e})")
-        return None
-    src, out = os.path.join(work, "llama2_src"), os.path.join(work, "llama2_json")
-    os.makedirs(src)
-    shutil.copy(os.path.join(data, "llama2_sp", "tokenizer.model"), src)
-    LlamaTokenizerFast.from_pretrained(src).save_pretrained(out)
-    for f in os.listdir(out):
-        if f != "tokenizer.json":
-            os.unlink(os.path.join(out, f))
-    return out
+    return sentencepiece_json.convert(os.path.join(data, "llama2_sp", "tokenizer.model"), work, "llama2_json")
 
 
 def main():

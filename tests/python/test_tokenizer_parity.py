@@ -29,6 +29,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sentencepiece_json  # noqa: E402
+
 SKIP = 77
 
 
@@ -320,20 +323,10 @@ def sentencepiece_json_variants(model_file, out_dir, prefix):
                         the Metaspace decoder
       unk_no_fallback   no byte fallback: characters outside the vocabulary become a fused <unk>
     Returns {name: dir}, or {} (with the reason printed) when the converter cannot run here."""
-    import shutil
-    try:
-        import google.protobuf  # noqa: F401  (the converter reads the model proto)
-        from transformers import LlamaTokenizerFast
-    except ImportError as e:
-        print(f"note: SentencePiece-style tokenizer.json variants not checked: {e}")
+    converted = sentencepiece_json.convert(model_file, out_dir, prefix + "_converted")
+    if converted is None:
         return {}
-    src = os.path.join(out_dir, prefix + "_src")
-    os.makedirs(src, exist_ok=True)
-    shutil.copy(model_file, os.path.join(src, "tokenizer.model"))
-    LlamaTokenizerFast.from_pretrained(src).save_pretrained(os.path.join(out_dir, prefix + "_converted"))
-    base = json.load(open(os.path.join(out_dir, prefix + "_converted", "tokenizer.json"), encoding="utf-8"))
-    if len(base["model"]["vocab"]) < 1000 or not base["model"]["merges"]:
-        raise RuntimeError(f"transformers' converter made an empty tokenizer from {model_file}")
+    base = json.load(open(os.path.join(converted, "tokenizer.json"), encoding="utf-8"))
     bos = next(t for t in base["added_tokens"] if t["content"] == "<s>")
     metaspace_decoder = {"type": "Metaspace", "replacement": "▁", "add_prefix_space": True}
     variants = {
